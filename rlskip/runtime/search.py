@@ -1,0 +1,239 @@
+"""Decoding loops (greedy and beam search) over a skip-aware decoder, matching Hugging Face ``generate()``.
+
+The runtime owns the loop because Hugging Face cache objects cannot update a subset of rows, and a plan
+changes which rows run which sub-layer. The search itself is model-agnostic: it drives any object with
+
+- ``step(tokens [rows]) -> logits [rows, vocab]`` (feeds one token per row at the next position), and
+- ``reorder(beam_idx [rows])`` (row ``i`` continues from old row ``beam_idx[i]``).
+
+Token selection reproduces transformers 5.x exactly: the same logits processors (the library's own
+classes, in the library's order), greedy padding of finished rows, and the vectorised beam search (top
+``max(2, 1 + n_eos) * num_beams`` continuations, length penalty ``score / generated_len ** length_penalty``,
+the same early-stopping heuristic and output cropping).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
+
+# Options a user may set; anything else that differs from GenerationConfig's default is refused rather than
+# silently ignored (sampling, for instance, would make per-instance costs non-deterministic).
+SUPPORTED = {
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "length_penalty",
+    "early_stopping", "no_repeat_ngram_size", "repetition_penalty", "forced_bos_token_id",
+    "forced_eos_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
+    "num_return_sequences", "use_cache", "output_attentions", "output_hidden_states", "do_sample",
+}
+
+
+class SkipDecoder(Protocol):
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def reorder(self, beam_idx: torch.Tensor) -> None: ...
+
+
+@dataclass
+class SearchSettings:
+    """Resolved generation settings (model defaults overridden by the caller's keyword arguments)."""
+
+    config: GenerationConfig
+    max_length: int  # total decoder length, start token included
+    min_length: int
+    eos: list[int]
+    pad: int | None
+    start: int
+
+    @property
+    def num_beams(self) -> int:
+        return int(self.config.num_beams or 1)
+
+
+def resolve_settings(model_generation_config: GenerationConfig, **kwargs) -> SearchSettings:
+    """Merge ``kwargs`` over the model's generation config as ``generate()`` does for encoder-decoders."""
+    cfg = copy.deepcopy(model_generation_config)
+    unknown = cfg.update(**kwargs)
+    if unknown:
+        raise ValueError(f"unknown generation arguments {sorted(unknown)}; supported: {sorted(SUPPORTED)}")
+    # transformers 5 leaves unset options as None and fills these documented defaults inside generate()
+    defaults = GenerationConfig._get_default_generation_params()
+    for key, val in cfg.to_diff_dict().items():
+        if key.startswith("_") or key == "transformers_version" or key in SUPPORTED:
+            continue
+        if val is not None and val != defaults.get(key):
+            raise ValueError(f"generation option {key}={val!r} is not supported by the skip-aware runtime")
+    for key in ("length_penalty", "early_stopping", "num_beams", "min_length", "no_repeat_ngram_size", "repetition_penalty"):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, defaults[key])
+    if cfg.max_new_tokens is None and cfg.max_length is None:
+        cfg.max_new_tokens = defaults["max_length"]  # generate()'s default: 20 new tokens
+    if cfg.do_sample:
+        raise ValueError("do_sample=True is not supported: plans are decided once and decoding is deterministic")
+    if (cfg.num_return_sequences or 1) != 1:
+        raise ValueError("num_return_sequences must be 1")
+    prompt_len = 1  # the decoder prompt is the start token alone
+    max_length = cfg.max_new_tokens + prompt_len if cfg.max_new_tokens is not None else int(cfg.max_length)
+    min_length = cfg.min_new_tokens + prompt_len if cfg.min_new_tokens is not None else int(cfg.min_length or 0)
+    cfg.max_length, cfg.min_length = max_length, min_length
+    eos = cfg.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.bos_token_id
+    if start is None:
+        raise ValueError("the generation config has no decoder_start_token_id")
+    if max_length <= prompt_len:
+        raise ValueError(f"max_new_tokens must be >= 1, got a max length of {max_length}")
+    return SearchSettings(cfg, max_length, min_length, eos, cfg.pad_token_id, int(start))
+
+
+def logits_processors(s: SearchSettings, device: torch.device) -> LogitsProcessorList:
+    """The transformers processors ``generate()`` would build for these settings, in its order."""
+    cfg, procs = s.config, LogitsProcessorList()
+    eos_t = torch.tensor(s.eos, device=device) if s.eos else None
+    if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(penalty=cfg.repetition_penalty))
+    if cfg.no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
+    if eos_t is not None and s.min_length > 0:
+        procs.append(MinLengthLogitsProcessor(s.min_length, eos_t, device=device))
+    if eos_t is not None and cfg.min_new_tokens:
+        procs.append(MinNewTokensLengthLogitsProcessor(1, cfg.min_new_tokens, eos_t, device=device))
+    if cfg.forced_bos_token_id is not None:
+        procs.append(ForcedBOSTokenLogitsProcessor(cfg.forced_bos_token_id))
+    if cfg.forced_eos_token_id is not None:
+        procs.append(ForcedEOSTokenLogitsProcessor(s.max_length, cfg.forced_eos_token_id, device=device))
+    return procs
+
+
+def greedy_search(dec: SkipDecoder, n_rows: int, s: SearchSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding. Returns ``(sequences [rows, len], steps [rows])``; finished rows are padded."""
+    procs = logits_processors(s, device)
+    ids = torch.full((n_rows, s.max_length), s.pad if s.pad is not None else 0, dtype=torch.long, device=device)
+    ids[:, 0] = s.start
+    eos = torch.tensor(s.eos, device=device) if s.eos else None
+    unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_rows, dtype=torch.long, device=device)
+    cur = 1
+    while True:
+        logits = dec.step(ids[:, cur - 1])
+        scores = procs(ids[:, :cur], logits.float()) if procs else logits
+        nxt = scores.argmax(-1)
+        if eos is not None:
+            nxt = torch.where(unfinished, nxt, s.pad)
+        ids[:, cur] = nxt
+        steps += unfinished.long()
+        cur += 1
+        if eos is not None:
+            unfinished &= ~torch.isin(nxt, eos)
+        if cur >= s.max_length or not bool(unfinished.any()):
+            break
+    return ids[:, :cur], steps
+
+
+def beam_search(
+    dec: SkipDecoder, batch_size: int, s: SearchSettings, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over ``batch_size * num_beams`` rows (beams of one instance adjacent).
+
+    Returns ``(sequences [batch, len], steps [batch])`` where ``steps`` counts the decoding iterations until
+    each instance's own search was done.
+    """
+    k, cfg = s.num_beams, s.config
+    lp, early = float(cfg.length_penalty), cfg.early_stopping
+    procs = logits_processors(s, device)
+    eos = torch.tensor(s.eos, device=device) if s.eos else None
+    keep = max(2, 1 + len(s.eos)) * k
+    top_mask = torch.arange(keep, device=device) < k
+    fill = (s.pad or s.eos[0]) if s.eos else -1
+    max_len, prompt_len, cur = s.max_length, 1, 1
+
+    run_seq = torch.full((batch_size, k, max_len), fill, dtype=torch.long, device=device)
+    run_seq[:, :, 0] = s.start
+    seqs = run_seq.clone()
+    run_scores = torch.zeros(batch_size, k, device=device)
+    run_scores[:, 1:] = -1e9
+    beam_scores = torch.full((batch_size, k), -1e9, device=device)
+    finished = torch.zeros(batch_size, k, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+    run_bidx = torch.full((batch_size, k, max_len - 1), -1, dtype=torch.long, device=device)
+    bidx = run_bidx.clone()
+    offset = (torch.arange(batch_size, device=device) * k).view(-1, 1)
+    steps = torch.zeros(batch_size, dtype=torch.long, device=device)
+    active = torch.ones(batch_size, dtype=torch.bool, device=device)
+
+    def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        while idx.dim() < t.dim():
+            idx = idx.unsqueeze(-1)
+        return torch.take_along_dim(t, idx, dim=1)
+
+    while True:
+        flat = run_seq[:, :, :cur].reshape(batch_size * k, cur)
+        logp = torch.log_softmax(dec.step(flat[:, -1]).float(), dim=-1)
+        if procs:
+            logp = procs(flat, logp)
+        vocab = logp.shape[-1]
+        logp = (logp.view(batch_size, k, vocab) + run_scores[:, :, None]).view(batch_size, k * vocab)
+
+        # c. top continuations over all beams
+        topk_logp, topk_idx = torch.topk(logp, keep)
+        src_beam = topk_idx // vocab
+        topk_bidx = gather(run_bidx, src_beam)
+        topk_seq = gather(run_seq, src_beam)
+        topk_seq[:, :, cur] = topk_idx % vocab
+        topk_bidx[:, :, cur - prompt_len] = src_beam + offset
+
+        # d. which continuations hit a stopping criterion (max length or EOS)
+        hits = torch.full_like(top_mask.expand(batch_size, keep), cur + 1 >= max_len)
+        if eos is not None:
+            hits = hits | torch.isin(topk_seq[:, :, cur], eos)
+
+        # e. best unfinished continuations keep running
+        run_logp = topk_logp + hits.float() * -1e9
+        nxt = torch.topk(run_logp, k)[1]
+        run_seq, run_scores, run_bidx = gather(topk_seq, nxt), gather(run_logp, nxt), gather(topk_bidx, nxt)
+
+        # f. finished hypotheses among the top `k` enter the finished pool if they beat it
+        just = hits & top_mask[None, :]
+        fin_scores = topk_logp / ((cur + 1 - prompt_len) ** lp)
+        fin_scores = fin_scores + (finished.all(-1, keepdim=True) & (early is True)).float() * -1e9
+        fin_scores = fin_scores + (~improvable).float() * -1e9
+        fin_scores = fin_scores + (~just).float() * -1e9
+        m_seq = torch.cat((seqs, topk_seq), 1)
+        m_scores = torch.cat((beam_scores, fin_scores), 1)
+        m_bidx = torch.cat((bidx, topk_bidx), 1)
+        m_fin = torch.cat((finished, just), 1)
+        best = torch.topk(m_scores, k)[1]
+        seqs, beam_scores, bidx, finished = gather(m_seq, best), gather(m_scores, best), gather(m_bidx, best), gather(m_fin, best)
+
+        # g. continue the cache of the chosen beams
+        dec.reorder(run_bidx[:, :, cur - prompt_len].reshape(-1))
+        cur += 1
+        best_len = (max_len - prompt_len) if (early == "never" and lp > 0.0) else (cur - prompt_len)
+        best_running = run_scores[:, :1] / (best_len**lp)
+        worst_fin = torch.where(finished, beam_scores.min(1, keepdim=True)[0], torch.tensor(-1e9, device=device))
+        improvable = improvable & (best_running > worst_fin).any(-1, keepdim=True)
+
+        steps += active.long()
+        inst_done = ~improvable[:, 0] | (finished.all(-1) & (early is True)) | hits.all(-1)
+        active &= ~inst_done
+        all_done = not (
+            bool(improvable.any()) and not (bool(finished.all()) and early is True) and not bool(hits.all())
+        )
+        if all_done:
+            break
+
+    seqs, bidx = seqs[:, 0], bidx[:, 0]
+    out_len = prompt_len + int((bidx + 1).bool().sum(1).max())
+    return seqs[:, :out_len], steps
