@@ -1,0 +1,185 @@
+"""Generator warm-up: teacher-forced training of a seq2seq backbone with random sub-layer dropping.
+
+Before a policy can learn what to skip, the generator must solve the task and tolerate missing
+sub-layers. Each training instance gets its own random plan in which every skippable sub-layer is
+dropped with probability ``skip_prob`` (LayerDrop, but per sub-layer and per instance); the plan is executed
+by the skip-aware runtime, so training sees exactly the computation that inference with a plan runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from rlskip.envs.tasks.base import Example
+from rlskip.plan import Plan
+from rlskip.runtime import get_runtime
+
+
+@dataclass
+class WarmupStats:
+    """What :func:`train_generator` did.
+
+    Attributes:
+        loss: mean training loss over the last 10% of steps (at least one step).
+        steps: optimiser steps taken.
+        seconds: wall-clock training time.
+        losses: loss of every step, in order.
+    """
+
+    loss: float
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def _encode(tokenizer, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+    if not examples:
+        raise ValueError("train_generator needs at least one example")
+    if any(not ex.targets for ex in examples):
+        raise ValueError("train_generator needs generation examples (each with at least one target)")
+    src = tokenizer([ex.source for ex in examples], add_special_tokens=True)["input_ids"]
+    tgt = tokenizer([ex.targets[0] for ex in examples], add_special_tokens=True)["input_ids"]
+    return src, tgt
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def random_plan(space, batch_size: int, skip_prob: float, generator: torch.Generator | None = None) -> Plan:
+    """A plan per instance in which each skippable sub-layer is dropped independently with ``skip_prob``."""
+    bits = torch.rand(batch_size, space.n_bits, generator=generator) >= skip_prob
+    return Plan(space, bits)
+
+
+def train_generator(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    steps: int | None = None,
+    time_budget: float | None = None,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 0.01,
+    warmup_frac: float = 0.05,
+    skip_prob: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> WarmupStats:
+    """Train ``model`` (in place) on ``examples`` with teacher forcing under random per-instance plans.
+
+    Args:
+        model: a seq2seq model the runtime supports (``BartForConditionalGeneration``).
+        tokenizer: its tokenizer; sources and targets are encoded with special tokens (BART's ``<s> .. </s>``).
+        examples: training instances; the first target of each is the label.
+        steps: number of optimiser steps. With ``time_budget`` too, training stops at whichever comes first.
+        time_budget: seconds of training; the learning-rate schedule follows elapsed time when it binds.
+        batch_size: instances per step, drawn uniformly at random with replacement.
+        lr: peak AdamW learning rate; linear warm-up over ``warmup_frac`` of training, then linear decay to 0.
+        weight_decay: AdamW weight decay.
+        warmup_frac: fraction of training spent warming the learning rate up.
+        skip_prob: probability that each skippable sub-layer is dropped, per instance and step.
+        seed: seeds batch sampling and plans (and nothing global).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`WarmupStats` with the final loss, steps and seconds.
+    """
+    if steps is None and time_budget is None:
+        raise ValueError("train_generator needs steps or time_budget (or both)")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}")
+    if not 0.0 <= skip_prob < 1.0:
+        raise ValueError(f"skip_prob must be in [0, 1), got {skip_prob}")
+    src, tgt = _encode(tokenizer, examples)
+    pad = tokenizer.pad_token_id
+    rt = get_runtime(model)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+    def progress_frac(step: int, elapsed: float) -> float:
+        by_steps = step / steps if steps is not None else 0.0
+        by_time = elapsed / time_budget if time_budget is not None else 0.0
+        return max(by_steps, by_time)
+
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=steps, disable=not progress, desc="warm-up", unit="step")
+    start = time.perf_counter()
+    step = 0
+    try:
+        while True:
+            frac = progress_frac(step, time.perf_counter() - start)
+            if frac >= 1.0:
+                break
+            scale = frac / warmup_frac if frac < warmup_frac else (1.0 - frac) / (1.0 - warmup_frac)
+            for group in opt.param_groups:
+                group["lr"] = lr * max(scale, 0.0)
+            idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
+            input_ids = _pad([src[i] for i in idx], pad)
+            labels = _pad([tgt[i] for i in idx], -100)
+            obs = rt.observe(input_ids, input_ids != pad)
+            plan = random_plan(rt.space, batch_size, skip_prob, gen)
+            _, loss = rt.forward(obs, plan, labels=labels)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"warm-up loss became {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+        model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return WarmupStats(loss=sum(tail) / len(tail), steps=step, seconds=time.perf_counter() - start, losses=losses)
+
+
+@torch.no_grad()
+def exact_match_by_group(
+    model,
+    tokenizer,
+    task,
+    examples: list[Example],
+    *,
+    skip_prob: float = 0.0,
+    plan: Plan | None = None,
+    batch_size: int = 128,
+    max_new_tokens: int = 40,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Greedy-decode ``examples`` under random plans (``skip_prob``) or one fixed plan for every instance
+    (``plan`` with a single row), and return the task's mean quality per group and ``"all"``.
+    """
+    rt = get_runtime(model)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    scores: dict[str, list[float]] = defaultdict(list)
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        enc = tokenizer([ex.source for ex in chunk], padding=True, return_tensors="pt")
+        obs = rt.observe(enc["input_ids"], enc["input_ids"] != pad)
+        p = random_plan(rt.space, len(chunk), skip_prob, gen) if plan is None else Plan(rt.space, plan.bits.expand(len(chunk), -1))
+        out = rt.generate(obs, p, max_new_tokens=max_new_tokens, num_beams=1)
+        texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        for ex, s in zip(chunk, task.score(texts, chunk)):
+            scores[ex.group or "all"].append(s)
+            if ex.group:
+                scores["all"].append(s)
+    model.train(was_training)
+    return {g: sum(v) / len(v) for g, v in sorted(scores.items())}
