@@ -1,0 +1,182 @@
+"""Rollout throughput: ``SkipVecEnv`` (16 instances in one batched runtime call) against a ``DummyVecEnv`` of 16
+``SkipEnv`` stepped one at a time, same model, data and random actions.
+
+Small random BART (d_model 256, 3+3 layers, FFN 1024) on two data sets: ``synthetic`` (its own 17-word
+vocabulary, sources up to 27 tokens) and the XSum slice in ../shared/data (real BART tokenizer and 50k
+vocabulary, max_source_tokens 256). Each step draws 16 instances and executes 16 random plans (every bit a
+fair coin: about half the sub-layers and half the tokens dropped), greedy, ``max_new_tokens`` new tokens.
+
+The full model's outputs are precomputed (and shared by both sides) before timing, so the numbers are the
+steady state of a learner that has seen the data once; warm-up steps are excluded, and instances per second
+come from the median step time, the two sides' steps alternating. ``batched_over_single`` is the ratio of the
+two (the performance contract asks >= 8 at 16 parallel instances); the summary reports the minimum over the
+data sets. As a reference for what batching can gain on this machine at all, ``hf_batched_over_single`` is the
+same ratio for plain Hugging Face ``model.generate()`` (full model, batch of 16 against 16 batches of 1).
+
+    python bench/rollouts.py --quick     # fewer steps and repeats (< 3 minutes on 2 cores)
+    python bench/rollouts.py
+    python bench/rollouts.py --quick --threads 1   # on a machine shared with other jobs (see below)
+
+With more runnable threads than cores (other jobs on a shared machine), torch's intra-op threads wait for
+each other at every operation, which slows the many small operations of one-at-a-time stepping far more
+than the batched ones; ``--threads 1`` avoids that. The thread count and the load average are recorded.
+
+Writes the full JSON to ``--out`` and prints a JSON summary object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env import DummyVecEnv
+from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
+
+from rlskip.envs import SkipEnv, SkipVecEnv
+from rlskip.envs.tasks import get_task
+from rlskip.envs.tasks.synthetic import small_bart_config, synthetic_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+XSUM = SHARED / "data" / "xsum" / "test_1000.jsonl"
+TOKENIZER = SHARED / "models" / "bart-tokenizer"
+SHAPE = dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+             encoder_ffn_dim=1024, decoder_ffn_dim=1024)
+# New tokens per instance, every one decoded (EOS suppressed until then): a random model would otherwise stop
+# at once (its tied head echoes the start token, EOS) and the benchmark would time encoders only. About the
+# length of a synthetic target and of an XSum summary.
+NEW_TOKENS = {"synthetic": 16, "xsum": 32}
+
+
+def setting(name: str, n_examples: int) -> dict:
+    """Model, tokenizer, task, examples and lengths of one data set."""
+    torch.manual_seed(0)
+    if name == "synthetic":
+        task = get_task("synthetic", n_train=n_examples)
+        model = BartForConditionalGeneration(small_bart_config(**SHAPE)).eval()
+        return dict(model=model, tokenizer=synthetic_tokenizer(), task=task, examples=task.load("train"),
+                    max_source_tokens=64, max_new_tokens=NEW_TOKENS["synthetic"])
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    task = get_task("xsum")
+    model = BartForConditionalGeneration(
+        BartConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **SHAPE)
+    ).eval()
+    return dict(model=model, tokenizer=tokenizer, task=task, examples=task.load(data_files=str(XSUM), limit=n_examples),
+                max_source_tokens=256, max_new_tokens=NEW_TOKENS["xsum"])
+
+
+def hf_batching(model, source_ids: list[list[int]], pad_id: int, new: int, repeats: int) -> float:
+    """Hugging Face ``generate()`` time for 16 sources one at a time over the time for them as one batch."""
+    width = max(len(r) for r in source_ids)
+    ids = torch.full((len(source_ids), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(source_ids):
+        ids[i, : len(r)] = torch.tensor(r)
+    mask = ids != pad_id
+    kw = dict(max_new_tokens=new, min_new_tokens=new, num_beams=1)
+
+    def batched():
+        model.generate(ids, attention_mask=mask, **kw)
+
+    def one_at_a_time():
+        for r in source_ids:
+            model.generate(torch.tensor([r]), **kw)
+
+    seconds: dict[str, list[float]] = {"batched": [], "single": []}
+    with torch.inference_mode():
+        batched()  # warm-up
+        for _ in range(repeats):
+            for key, fn in (("batched", batched), ("single", one_at_a_time)):
+                start = time.perf_counter()
+                fn()
+                seconds[key].append(time.perf_counter() - start)
+    return statistics.median(seconds["single"]) / statistics.median(seconds["batched"])
+
+
+def bench_data(name: str, num_envs: int, n_examples: int, steps: int, repeats: int) -> dict:
+    s = setting(name, n_examples)
+    new = s["max_new_tokens"]
+    common = dict(max_source_tokens=s["max_source_tokens"], max_new_tokens=new, gen_kwargs={"min_new_tokens": new})
+    args = (s["model"], s["tokenizer"], s["task"], s["examples"])
+    batched = SkipVecEnv(*args, num_envs=num_envs, seed=0, **common)
+    batched.precompute_full()
+    singles = [SkipEnv(*args, seed=1 + j, **common) for j in range(num_envs)]
+    for env in singles:
+        env.full_outputs = batched.full_outputs  # one shared cache: neither side recomputes the full model
+    single = DummyVecEnv([lambda env=env: env for env in singles])
+    gen = np.random.default_rng(0)
+    actions = [gen.integers(0, 2, (num_envs, batched.rollout.n_actions), dtype=np.int8) for _ in range(steps)]
+
+    def timed_step(venv, action) -> float:
+        start = time.perf_counter()
+        venv.step(action)
+        return time.perf_counter() - start
+
+    seconds: dict[str, list[float]] = {"batched": [], "single": []}
+    for venv in (batched, single):
+        venv.reset()
+        venv.step(actions[0])  # warm-up, excluded
+    # Steps alternate between the two sides, so a burst of load from other processes on this shared machine
+    # hits both about equally; medians over steps discard the worst bursts.
+    for _ in range(repeats):
+        for a in actions:
+            seconds["batched"].append(timed_step(batched, a))
+            seconds["single"].append(timed_step(single, a))
+    ips = {k: num_envs / statistics.median(v) for k, v in seconds.items()}
+    lengths = [len(ids) for ids in batched.rollout.source_ids]
+    hf = hf_batching(s["model"], batched.rollout.source_ids[:num_envs], batched.rollout.pad_id, new, repeats)
+    return {
+        "data": name,
+        "num_envs": num_envs,
+        "examples": len(s["examples"]),
+        "mean_source_tokens": float(np.mean(lengths)),
+        "max_source_tokens": s["max_source_tokens"],
+        "max_new_tokens": s["max_new_tokens"],
+        "timed_steps": steps * repeats,
+        "batched_instances_per_s": ips["batched"],
+        "single_instances_per_s": ips["single"],
+        "batched_over_single": ips["batched"] / ips["single"],
+        "hf_batched_over_single": hf,
+        "seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 3 minutes on 2 cores)")
+    parser.add_argument("--num-envs", type=int, default=16, help="parallel instances per step")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rollouts.json", help="JSON output path")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("rlskip.envs.skip_env").setLevel(logging.ERROR)  # XSum truncation is expected here
+    steps, repeats, n_examples = (2, 2, 32) if args.quick else (4, 5, 256)
+    data = ["synthetic"] + (["xsum"] if XSUM.is_file() and (TOKENIZER / "tokenizer.json").is_file() else [])
+    rows = [bench_data(name, args.num_envs, n_examples, steps, repeats) for name in data]
+    summary = {"batched_over_single": min(r["batched_over_single"] for r in rows)}
+    for r in rows:
+        summary[f"{r['data']}_batched_over_single"] = r["batched_over_single"]
+        summary[f"{r['data']}_hf_batched_over_single"] = r["hf_batched_over_single"]
+    if "xsum" not in data:
+        summary["skipped"] = f"xsum: data or tokenizer absent under {SHARED}"
+    result = {
+        "summary": summary,
+        "rows": rows,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_1_5_15": os.getloadavg()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

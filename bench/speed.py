@@ -1,0 +1,146 @@
+"""Wall-clock savings of the skip-aware runtime against its FLOPs savings and against Hugging Face.
+
+Random-weight BART models with the real bart-base and bart-large shapes (bart-large's from the real
+config in ../shared/models/bart-tokenizer/config.json when present), 400-token sources, 32 new tokens
+greedy (EOS suppressed, so every plan decodes the same number of steps), batch 1 and 16. For each skip
+level (25/50/75% of the skippable sub-layers, drawn independently per instance) it reports
+
+- flops_ratio: executed / full-model FLOPs (analytic, rlskip.flops);
+- ideal_speedup = 1 / flops_ratio, realised_speedup = time(all-ones plan) / time(plan);
+- realised_over_ideal: realised_speedup / ideal_speedup (the performance contract asks >= 0.9);
+
+and all_ones_over_hf = time(all-ones plan) / time(model.generate()) on the same inputs (<= 1.05).
+Timings are medians over repeats taken round-robin across configurations, warm-up excluded. Writes JSON
+(``--out``) and prints one JSON summary object as its last line.
+
+    python bench/speed.py --quick      # bart-base only, fewer repeats (< 3 minutes on 2 cores)
+    python bench/speed.py              # bart-base and bart-large
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import BartConfig, BartForConditionalGeneration
+
+from rlskip.plan import Plan
+from rlskip.runtime import get_runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+LARGE_CONFIG = ROOT.parent / "shared" / "models" / "bart-tokenizer" / "config.json"
+SKIP_LEVELS = (0.25, 0.5, 0.75)
+SRC_LEN, NEW_TOKENS = 400, 32
+
+
+def model_config(name: str) -> BartConfig:
+    """Real shapes: bart-base from its published hyper-parameters, bart-large from the shared config."""
+    if name == "bart-base":
+        return BartConfig(
+            vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+            decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
+        )
+    if LARGE_CONFIG.is_file():
+        return BartConfig.from_pretrained(str(LARGE_CONFIG.parent))
+    return BartConfig(vocab_size=50265)  # BartConfig's defaults are bart-large's shapes
+
+
+def random_plan(space, batch: int, skip: float, gen: torch.Generator) -> Plan:
+    """Each instance skips round(skip * n_bits) skippable sub-layers, chosen independently."""
+    n_skip = round(skip * space.n_bits)
+    bits = torch.ones(batch, space.n_bits, dtype=torch.bool)
+    for i in range(batch):
+        bits[i, torch.randperm(space.n_bits, generator=gen)[:n_skip]] = False
+    return Plan(space, bits)
+
+
+def bench_model(name: str, batches: tuple[int, ...], repeats: int, seed: int = 0) -> list[dict]:
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(model_config(name)).eval()
+    rt = get_runtime(model)
+    gen_kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1)
+    rows = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(seed + batch)
+        ids = torch.randint(4, model.config.vocab_size, (batch, SRC_LEN), generator=g)
+        ids[:, 0], ids[:, -1] = model.config.bos_token_id, model.config.eos_token_id
+        mask = torch.ones_like(ids)
+        plans = {"all_ones": Plan.all_ones(rt.space, batch)}
+        plans.update({f"skip_{int(s * 100)}": random_plan(rt.space, batch, s, g) for s in SKIP_LEVELS})
+
+        def run_plan(plan):
+            with torch.inference_mode():
+                return rt.generate(rt.observe(ids, mask), plan, **gen_kwargs)
+
+        def run_hf():
+            with torch.inference_mode():
+                return model.generate(ids, attention_mask=mask, **gen_kwargs)
+
+        runs = {k: (lambda p=p: run_plan(p)) for k, p in plans.items()}
+        runs["hf_generate"] = run_hf
+        ref = run_plan(plans["all_ones"]).sequences
+        assert torch.equal(ref, run_hf()), "all-ones plan must reproduce HF generate()"
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        # round 0 is warm-up; rounds go round-robin so drift of the machine hits every configuration alike
+        for round_ in range(repeats + 1):
+            for k, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                if round_:
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, plan in plans.items():
+            if k == "all_ones":
+                continue
+            out = run_plan(plan)
+            ratio = float(out.flops.sum() / out.full_flops.sum())
+            realised = med["all_ones"] / med[k]
+            rows.append(dict(
+                model=name, batch=batch, plan=k, flops_ratio=ratio, ideal_speedup=1 / ratio,
+                realised_speedup=realised, realised_over_ideal=realised * ratio,
+                seconds=med[k], seconds_all_ones=med["all_ones"],
+            ))
+        rows.append(dict(
+            model=name, batch=batch, plan="all_ones_vs_hf", seconds=med["all_ones"], seconds_hf=med["hf_generate"],
+            all_ones_over_hf=med["all_ones"] / med["hf_generate"],
+        ))
+        for r in rows[-len(SKIP_LEVELS) - 1 :]:
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for b in sorted({r["batch"] for r in rows}):
+        vals = [r["realised_over_ideal"] for r in rows if r["batch"] == b and "realised_over_ideal" in r]
+        out[f"realised_over_ideal_b{b}"] = round(min(vals), 4)
+    out["all_ones_over_hf"] = round(max(r["all_ones_over_hf"] for r in rows if "all_ones_over_hf" in r), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="bart-base only, fewer repeats")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (after warm-up)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    models = ("bart-base",) if args.quick else ("bart-base", "bart-large")
+    repeats = args.repeats or (3 if args.quick else 5)
+    rows = []
+    for name in models:
+        rows += bench_model(name, (1, 16), repeats)
+    summary = summarise(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "rows": rows, "quick": args.quick, "repeats": repeats}, indent=1))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

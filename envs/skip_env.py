@@ -1,0 +1,539 @@
+"""The skip decision as a one-step episode: observe an instance, choose a plan, get quality and cost.
+
+One episode is one instance. ``reset`` draws an instance, runs the backbone's fixed-on first encoder layer
+(:meth:`rlskip.runtime.Runtime.observe`) and returns what the policy reads; ``step`` executes the chosen plan
+(generation, or classification for classification tasks), scores it with the task, and ends the episode.
+
+:class:`SkipRollout` holds everything both environments share -- the tokenised data, the runtime, the cache
+of the full model's outputs, the data order -- and does its work on *batches* of instances, so
+:class:`SkipEnv` (batch of one) and :class:`rlskip.envs.vec_env.SkipVecEnv` (batch of n, one runtime call per
+step) compute the same thing the same way.
+
+Rewards come from a *constraint handler*: any object with ``reward(quality, quality_full, cost) -> reward``
+over numpy arrays (``rlskip.constraints`` provides the lexicographic, Lagrangian and fixed-weight ones). The
+environment only reads it; a learner may swap it (``env.constraint = handler``) at any time, e.g. to update
+a multiplier. The default is ``rlskip.constraints.Fixed(lam=0.5)``: ``reward = quality - 0.5 * cost``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from rlskip.constraints import Fixed
+from rlskip.envs.tasks.base import Example, Task
+from rlskip.envs.tasks.encoding import encode_examples
+from rlskip.metrics import fidelity as fidelity_metric
+from rlskip.metrics import get_metric
+from rlskip.plan import Plan
+from rlskip.runtime import Observation, get_runtime
+from rlskip.space import SkipSpace
+
+logger = logging.getLogger(__name__)
+
+Budget = float | tuple[float, float]
+
+
+class ConstraintHandler(Protocol):
+    """What the environment needs from a constraint handler (see ``rlskip.constraints``)."""
+
+    def reward(self, quality: np.ndarray, quality_full: np.ndarray, cost: np.ndarray) -> np.ndarray:
+        """Per-instance reward from quality, the full model's quality on the same instance, and cost."""
+
+    @property
+    def lam(self) -> float:
+        """The current weight (or multiplier) of the cost term."""
+
+
+def default_constraint() -> ConstraintHandler:
+    """The handler an environment uses until a learner sets its own: ``reward = quality - 0.5 * cost``."""
+    return Fixed(lam=0.5)
+
+
+@dataclass(frozen=True)
+class FullOutput:
+    """The full (all-ones plan) model's output on one instance and its quality."""
+
+    text: str | int
+    quality: float
+
+
+def check_budget(budget: Budget) -> Budget:
+    """A budget (FLOPs ratio) or budget range, validated: a float, or a (low, high) tuple when they differ."""
+    lo, hi = (budget, budget) if isinstance(budget, (int, float)) else tuple(budget)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"budget must be a FLOPs ratio in (0, 1] or a range (low, high) within it, got {budget}")
+    return float(lo) if lo == hi else (float(lo), float(hi))
+
+
+def check_constraint(handler: Any) -> Any:
+    """``handler`` itself, once it is known to have a ``reward`` method (a clear error otherwise)."""
+    if not callable(getattr(handler, "reward", None)):
+        raise ValueError(
+            f"a constraint handler needs a method reward(quality, quality_full, cost), got {type(handler).__name__}"
+        )
+    return handler
+
+
+def new_seed() -> int:
+    """A fresh random seed for a data order (used when the caller gives none)."""
+    return int(np.random.SeedSequence().entropy)
+
+
+class SkipRollout:
+    """Batched core of the skip environments: data, runtime calls, scoring, caching and data order.
+
+    Args: as :class:`SkipEnv` (everything but ``constraint`` and ``seed``, which the environments hold).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        task: Task,
+        examples: Sequence[Example] | None,
+        split: str | None,
+        data_files: Any,
+        limit: int | None,
+        max_source_tokens: int | None,
+        max_new_tokens: int | None,
+        gen_kwargs: dict[str, Any] | None,
+        budget: Budget,
+        budget_in_obs: bool,
+        fidelity: str | None,
+        policy_flops: float,
+    ) -> None:
+        self.runtime = get_runtime(model)
+        self.space = self.runtime.space
+        self.task = task
+        self.tokenizer = tokenizer
+        self.is_classification = task.kind == "classification"
+        if self.is_classification != self.runtime.is_classifier:
+            model_kind = "a sequence classifier" if self.runtime.is_classifier else "a generator"
+            raise ValueError(f"task {task.name!r} is a {task.kind} task but the model is {model_kind}")
+        positions = model.config.max_position_embeddings
+        max_source_tokens = positions if max_source_tokens is None else max_source_tokens
+        if not 1 <= max_source_tokens <= positions:
+            raise ValueError(f"max_source_tokens must be in 1..{positions} (the model's positions), got {max_source_tokens}")
+        self.gen_kwargs = dict(gen_kwargs or {})
+        if max_new_tokens is not None:
+            if max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+            if self.gen_kwargs.get("max_new_tokens", max_new_tokens) != max_new_tokens:
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} contradicts gen_kwargs['max_new_tokens']="
+                    f"{self.gen_kwargs['max_new_tokens']}; give it once"
+                )
+            self.gen_kwargs["max_new_tokens"] = int(max_new_tokens)
+        if fidelity is not None:
+            if fidelity.startswith("fidelity"):
+                raise ValueError(f"fidelity takes a base metric such as 'rougeL', got {fidelity!r}")
+            get_metric(fidelity)  # fail now, with the list of metrics, rather than at the first step
+        self.examples = list(examples) if examples is not None else task.load(split, data_files, limit)
+        if not self.examples:
+            raise ValueError(f"task {task.name!r} gave no examples; check split, data_files and limit")
+        self.max_source_tokens = int(max_source_tokens)
+        self.budget = check_budget(budget)
+        self.budget_in_obs = bool(budget_in_obs)
+        self.fidelity = fidelity
+        self.policy_flops = float(policy_flops)
+        # Tokenise everything once: stepping must not re-tokenise, and truncation is counted (and logged)
+        # once for the whole data set rather than per item.
+        self.source_ids, n_cut = encode_examples(tokenizer, self.examples, self.max_source_tokens, task.pair_truncation)
+        if n_cut:
+            logger.warning(
+                "%s: %d of %d sources were longer than max_source_tokens=%d and were truncated",
+                task.name, n_cut, len(self.examples), self.max_source_tokens,
+            )
+        self.n_truncated = n_cut
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(model.config.pad_token_id if pad is None else pad)
+        self.device = next(model.parameters()).device
+        self.full_outputs: dict[int, FullOutput] = {}
+        self._order_cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+        d = model.config.d_model
+        s = self.max_source_tokens
+        obs_spaces = {
+            "pooled": spaces.Box(-np.inf, np.inf, (d,), np.float32),
+            "tokens": spaces.Box(-np.inf, np.inf, (s, d), np.float32),
+            "token_mask": spaces.Box(0.0, 1.0, (s,), np.float32),
+        }
+        if self.budget_in_obs:
+            obs_spaces["budget"] = spaces.Box(0.0, 1.0, (1,), np.float32)
+        self.observation_space = spaces.Dict(obs_spaces)
+        self.n_actions = self.space.n_bits + s
+        self.action_space = spaces.MultiBinary(self.n_actions)
+
+    # -- data order ---------------------------------------------------------------------------------
+    def instance(self, seed: int, episode: int) -> int:
+        """The instance of the ``episode``-th draw of the stream ``seed``.
+
+        Draws go through the data in epochs, each a fresh permutation derived from ``(seed, epoch)``, so every
+        instance is seen once per epoch and the order follows from the seed and the episode count alone.
+        """
+        n = len(self.examples)
+        epoch, pos = divmod(episode, n)
+        if self._order_cache is None or self._order_cache[0] != (seed, epoch):
+            self._order_cache = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(n))
+        return int(self._order_cache[1][pos])
+
+    def draw_budget(self, seed: int, episode: int) -> float:
+        """The budget of the ``episode``-th draw: the fixed budget, or uniform over the budget range."""
+        if isinstance(self.budget, float):
+            return self.budget
+        # a separate stream (third word 1) so budgets do not shift the instance order
+        return float(np.random.default_rng([seed, episode, 1]).uniform(*self.budget))
+
+    def check_index(self, index: Any) -> int:
+        """An instance index from ``options``, validated."""
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.examples):
+            raise ValueError(f"options['index'] must be an instance index in 0..{len(self.examples) - 1}, got {index!r}")
+        return int(index)
+
+    def draw(self, seed: int, episodes: int, options: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Fill one slot per entry of ``options``, drawing from the stream ``seed`` after ``episodes`` draws.
+
+        A slot is ``{"index", "budget"}``; ``{"index": i}`` in a slot's options picks that instance without
+        drawing, ``{"budget": b}`` overrides the drawn budget. Returns (slots, draws taken after these).
+        """
+        slots = []
+        for opts in options:
+            budget = self.draw_budget(seed, episodes)
+            if "index" in opts:
+                index = self.check_index(opts["index"])
+            else:
+                index, episodes = self.instance(seed, episodes), episodes + 1
+            if "budget" in opts:
+                budget = check_budget(float(opts["budget"]))
+            slots.append({"index": index, "budget": budget})
+        return slots, episodes
+
+    def load(self, slots: Sequence[dict[str, Any]]) -> tuple[Observation, dict[str, np.ndarray]]:
+        """Observe the slots' instances in one batched call: (runtime observation, observation arrays)."""
+        obs = self.observe([slot["index"] for slot in slots])
+        return obs, self.observation_arrays(obs, [slot["budget"] for slot in slots])
+
+    # -- observing ----------------------------------------------------------------------------------
+    def observe(self, indices: Sequence[int]) -> Observation:
+        """One batched ``observe`` for the instances, right-padded to the longest of them."""
+        rows = [self.source_ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = True
+        with torch.inference_mode():
+            return self.runtime.observe(ids.to(self.device), mask.to(self.device))
+
+    def observation_arrays(self, obs: Observation, budgets: Sequence[float]) -> dict[str, np.ndarray]:
+        """The batch's observations as arrays ``[n, ...]`` of the observation space's shapes.
+
+        Padding positions are zeroed: their hidden states depend on the batch's width, and the policy must see
+        the same numbers for an instance whatever it was batched with.
+        """
+        n, width, d = obs.hidden.shape
+        mask = obs.attention_mask
+        tokens = np.zeros((n, self.max_source_tokens, d), dtype=np.float32)
+        tokens[:, :width] = (obs.hidden * mask.unsqueeze(-1)).float().cpu().numpy()
+        token_mask = np.zeros((n, self.max_source_tokens), dtype=np.float32)
+        token_mask[:, :width] = mask.cpu().numpy()
+        out = {"pooled": obs.pooled().float().cpu().numpy(), "tokens": tokens, "token_mask": token_mask}
+        if self.budget_in_obs:
+            out["budget"] = np.asarray(budgets, dtype=np.float32).reshape(n, 1)
+        return out
+
+    # -- executing ----------------------------------------------------------------------------------
+    def plan_from_actions(self, actions: np.ndarray, width: int) -> Plan:
+        """Plans for a batch of actions ``[n, n_bits + max_source_tokens]`` over sources ``width`` wide.
+
+        Token bits past ``width`` are padding for every row and are cut here; bits of positions past a row's
+        own length are padding too, and the runtime removes those (and keeps special tokens) whatever they say.
+        """
+        if actions.ndim != 2 or actions.shape[1] != self.n_actions:
+            raise ValueError(
+                f"an action must have {self.n_actions} entries ({self.space.n_bits} sub-layer bits + "
+                f"{self.max_source_tokens} token bits), got shape {list(actions.shape[1:])}"
+            )
+        if not np.isin(actions, (0, 1)).all():
+            raise ValueError("actions must be 0 (skip) or 1 (keep)")
+        bits = torch.as_tensor(actions[:, : self.space.n_bits] == 1)
+        keep = torch.as_tensor(actions[:, self.space.n_bits : self.space.n_bits + width] == 1)
+        return Plan(self.space, bits, keep)
+
+    def _run(self, obs: Observation, plan: Plan) -> tuple[list[str | int], np.ndarray]:
+        """Execute plans: the outputs (texts, or class ids) and the FLOPs ratio of each row."""
+        with torch.inference_mode():
+            if self.is_classification:
+                logits, _, flops, full = self.runtime.classify(obs, plan)
+                outputs: list[str | int] = logits.argmax(-1).tolist()
+            else:
+                out = self.runtime.generate(obs, plan, **self.gen_kwargs)
+                flops, full = out.flops, out.full_flops
+                outputs = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+        cost = (flops.double().cpu().numpy() + self.policy_flops) / full.double().cpu().numpy()
+        return outputs, cost
+
+    def _quality(self, outputs: list, indices: Sequence[int], full: Sequence[str | int] | None = None) -> list[float]:
+        if self.fidelity is not None:
+            return fidelity_metric(outputs, list(full), base_metric=self.fidelity)
+        return self.task.score(outputs, [self.examples[i] for i in indices])
+
+    def step(
+        self, obs: Observation, slots: Sequence[dict[str, Any]], actions: np.ndarray, constraint: ConstraintHandler
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Execute one plan per slot (as :meth:`load` observed them) in one runtime call: ``(rewards [n], infos)``.
+
+        Instances whose full-model output is not cached yet ride along in the same call as extra rows with the
+        all-ones plan (no second decoding loop), and are cached by instance index.
+        """
+        indices = [slot["index"] for slot in slots]
+        n = len(indices)
+        plan = self.plan_from_actions(actions, obs.input_ids.shape[1])
+        first_row: dict[int, int] = {}
+        for row, i in enumerate(indices):
+            if i not in self.full_outputs:
+                first_row.setdefault(i, row)
+        missing = list(first_row)
+        if missing:
+            extra = [first_row[i] for i in missing]
+            run_obs = obs.rows(list(range(n)) + extra)
+            ones = torch.ones(len(extra), plan.bits.shape[1], dtype=torch.bool)
+            run_plan = Plan(
+                self.space,
+                torch.cat([plan.bits, ones]),
+                torch.cat([plan.token_keep, torch.ones(len(extra), plan.token_keep.shape[1], dtype=torch.bool)]),
+            )
+        else:
+            run_obs, run_plan = obs, plan
+        outputs, cost = self._run(run_obs, run_plan)
+        if missing:
+            full_out = outputs[n:]
+            quality = self._quality(full_out, missing, full_out)
+            self.full_outputs.update({i: FullOutput(o, float(q)) for i, o, q in zip(missing, full_out, quality)})
+        full = [self.full_outputs[i] for i in indices]
+        outputs, cost = outputs[:n], cost[:n]
+        quality = np.asarray(self._quality(outputs, indices, [f.text for f in full]), dtype=np.float64)
+        quality_full = np.asarray([f.quality for f in full], dtype=np.float64)
+        reward = np.asarray(constraint.reward(quality, quality_full, cost), dtype=np.float64)
+        if reward.shape != (n,):
+            raise ValueError(f"the constraint handler returned rewards of shape {reward.shape}, expected ({n},)")
+        # what the runtime keeps: the real tokens the plan keeps, plus every special token
+        kept = ((plan.token_keep & obs.attention_mask.cpu()) | obs.always_keep.cpu()).sum(1).tolist()
+        bits = plan.bits.numpy().astype(np.int8)
+        infos = [
+            {
+                "index": int(indices[r]),
+                "quality": float(quality[r]),
+                "quality_full": float(quality_full[r]),
+                "cost": float(cost[r]),
+                "reward": float(reward[r]),
+                "plan_bits": bits[r].copy(),
+                "tokens_kept": int(kept[r]),
+                "text": outputs[r],
+                "text_full": full[r].text,
+                "budget": slots[r]["budget"],
+            }
+            for r in range(n)
+        ]
+        return reward, infos
+
+    def precompute_full(self, indices: Sequence[int] | None = None, batch_size: int = 16) -> None:
+        """Compute and cache the full model's outputs for ``indices`` (all instances by default), in batches."""
+        todo = [i for i in (range(len(self.examples)) if indices is None else indices) if i not in self.full_outputs]
+        todo = list(dict.fromkeys(todo))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            obs = self.observe(chunk)
+            outputs, _ = self._run(obs, Plan(self.space, torch.ones(len(chunk), self.space.n_bits, dtype=torch.bool)))
+            quality = self._quality(outputs, chunk, outputs)
+            self.full_outputs.update({i: FullOutput(o, float(q)) for i, o, q in zip(chunk, outputs, quality)})
+
+
+class SkipEnv(gym.Env):
+    """One instance per episode: observe it, choose which sub-layers and tokens to keep, get quality and cost.
+
+    **Observation** (a single-level ``Dict`` of float32 ``Box``es): ``pooled`` ``[d_model]``, the mean of the
+    first encoder layer's output over real tokens; ``tokens`` ``[max_source_tokens, d_model]``, that output per
+    position, zero on padding; ``token_mask`` ``[max_source_tokens]``, 1 on real tokens; and, when
+    ``budget_in_obs``, ``budget`` ``[1]``, the compute budget (a FLOPs ratio) of this episode. Hidden states are
+    unbounded in principle, so their boxes are (-inf, inf).
+
+    **Action** ``MultiBinary(n_bits + max_source_tokens)``, 1 = keep: first one bit per *skippable* candidate in
+    :attr:`rlskip.space.SkipSpace.names` order, then one bit per source position. The fixed-on candidates (the
+    whole first encoder layer, whose output is the observation) have no bit. Bits of padding positions
+    (past the instance's length) are ignored, and special tokens (``<s>``, ``</s>``) are never dropped whatever
+    their bit says -- the runtime enforces both.
+
+    **Step** executes the plan (``generate`` with ``gen_kwargs``, or ``classify`` for classification tasks),
+    scores it with the task (or, with ``fidelity``, against the full model's own output), and ends the
+    episode: ``terminated=True``, ``truncated=False``, and the observation returned is the episode's own.
+    ``reward = constraint.reward(quality, quality_full, cost)`` where ``cost`` is the FLOPs ratio to the full
+    model on the same input and output lengths (plus ``policy_flops``). ``info`` holds ``quality``,
+    ``quality_full``, ``cost``, ``reward``, ``plan_bits`` (int8 ``[n_bits]``), ``tokens_kept`` (source tokens
+    left after dropping), ``text`` (generated text, or predicted class id), ``text_full`` (the full model's),
+    and the episode's ``index`` and ``budget``. The full model's output and quality are computed once per
+    instance and cached in :attr:`full_outputs` (keyed by instance index); clear it after changing the
+    generator's weights.
+
+    **Data order**: episode ``k`` of the stream ``seed`` is instance ``perm(seed, k // N)[k % N]`` (a fresh
+    permutation of the ``N`` instances per epoch), so the order follows from the seed and the episode count;
+    :meth:`get_state` / :meth:`set_state` save and restore them (and the instance drawn but not yet stepped).
+    ``reset(seed=s)`` restarts the stream ``s``.
+
+    Rollouts run under ``torch.inference_mode()`` with the model in whatever mode it is in: put it in
+    ``eval()`` for deterministic episodes.
+
+    Args:
+        model: a Hugging Face BART-family model: ``BartForConditionalGeneration`` for generation tasks,
+            ``BartForSequenceClassification`` for classification tasks. Used in place, never copied.
+        tokenizer: the model's tokenizer.
+        task: the task (from :func:`rlskip.envs.tasks.get_task`): its kind picks generate or classify, its
+            ``score`` gives quality, its ``pair_truncation`` how pairs are cut.
+        examples: the instances; when None they are loaded with ``task.load(split, data_files, limit)``.
+        split: split to load when ``examples`` is None (the task's default when None).
+        data_files: local file(s) to load when ``examples`` is None (the hub when None).
+        limit: at most this many examples to load when ``examples`` is None.
+        max_source_tokens: encoder budget per instance (special tokens included); longer sources are
+            truncated (counted, and logged once per environment); also the width of ``tokens``. None: the
+            model's ``max_position_embeddings``.
+        max_new_tokens: generation length limit (ignored for classification); None leaves it to ``gen_kwargs``
+            or, failing that, the model's generation config.
+        gen_kwargs: further Hugging Face generation options (``num_beams``, ``length_penalty``, ...) for the
+            runtime's ``generate``; ignored for classification.
+        budget: the compute budget of every episode (a FLOPs ratio in (0, 1]), or a range ``(low, high)`` to
+            draw each episode's budget from uniformly (seeded like the data order). Reported in ``info`` and
+            reset info; in the observation only with ``budget_in_obs``. ``options={"budget": b}`` overrides it.
+        budget_in_obs: whether the observation carries the budget.
+        fidelity: None to score against the task's references; a metric name (e.g. ``"rougeL"``,
+            ``"accuracy"``) to score each output against the full model's own output on the same instance.
+        policy_flops: FLOPs the policy spends per instance, added to the executed FLOPs (see
+            :func:`rlskip.flops.mlp_flops`); 0 leaves the policy out of the cost.
+        constraint: the reward handler (see :class:`ConstraintHandler`); default ``rlskip.constraints.Fixed(0.5)``.
+        seed: seed of the data order; None draws a random one. ``reset(seed=...)`` replaces it.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        task: Task,
+        examples: Sequence[Example] | None = None,
+        *,
+        split: str | None = None,
+        data_files: Any = None,
+        limit: int | None = None,
+        max_source_tokens: int | None = None,
+        max_new_tokens: int | None = None,
+        gen_kwargs: dict[str, Any] | None = None,
+        budget: Budget = 1.0,
+        budget_in_obs: bool = False,
+        fidelity: str | None = None,
+        policy_flops: float = 0.0,
+        constraint: ConstraintHandler | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.rollout = SkipRollout(
+            model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
+            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops,
+        )
+        self.observation_space = self.rollout.observation_space
+        self.action_space = self.rollout.action_space
+        self.render_mode = None
+        self.constraint = constraint if constraint is not None else default_constraint()
+        self._seed = new_seed() if seed is None else int(seed)
+        self._episodes = 0  # draws taken from the stream so far
+        self._slots: list[dict[str, Any]] = []  # the current instance {"index", "budget"} until stepped
+        self._obs: Observation | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    @property
+    def constraint(self) -> ConstraintHandler:
+        """The reward handler; assign to swap it (e.g. a learner updating its multiplier)."""
+        return self._constraint
+
+    @constraint.setter
+    def constraint(self, handler: ConstraintHandler) -> None:
+        self._constraint = check_constraint(handler)
+
+    @property
+    def full_outputs(self) -> dict[int, FullOutput]:
+        """Cache of the full model's output and quality per instance index (shareable between environments
+        over the same model and examples; clear it after changing the generator's weights)."""
+        return self.rollout.full_outputs
+
+    @full_outputs.setter
+    def full_outputs(self, cache: dict[int, FullOutput]) -> None:
+        self.rollout.full_outputs = cache
+
+    @property
+    def examples(self) -> list[Example]:
+        return self.rollout.examples
+
+    def precompute_full(self, indices: Sequence[int] | None = None, batch_size: int = 16) -> None:
+        """Fill :attr:`full_outputs` for ``indices`` (all instances by default) in batches of ``batch_size``."""
+        self.rollout.precompute_full(indices, batch_size)
+
+    @property
+    def space(self) -> SkipSpace:
+        """The backbone's SkipSpace: the order of the sub-layer bits of an action."""
+        return self.rollout.space
+
+    def get_state(self) -> dict[str, Any]:
+        """The data order's state, JSON-serialisable: ``{"seed", "episodes"`` (draws taken from the stream),
+        ``"slots"`` (the drawn but unstepped instance, ``[{"index", "budget"}]``, or ``[]``)``}``."""
+        return {"seed": self._seed, "episodes": self._episodes, "slots": [dict(slot) for slot in self._slots]}
+
+    def set_state(self, state: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        """Restore a :meth:`get_state` result: the held instance is observed again, so ``step()`` may follow
+        directly; ``reset()`` continues the stream. Returns the held instance's observation, or None."""
+        self._seed, self._episodes = int(state["seed"]), int(state["episodes"])
+        self._slots = [dict(slot) for slot in state["slots"]]
+        if not self._slots:
+            self._obs, self._arrays = None, {}
+            return None
+        self._obs, arrays = self.rollout.load(self._slots)
+        self._arrays = {k: v[0] for k, v in arrays.items()}
+        return {k: v.copy() for k, v in self._arrays.items()}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Draw an instance and observe it.
+
+        Args:
+            seed: restart the data order with this seed (and seed ``np_random``).
+            options: ``{"index": i}`` picks instance ``i`` instead of drawing one (the stream does not
+                advance); ``{"budget": b}`` sets this episode's budget.
+
+        Returns:
+            (observation, info with ``index`` and ``budget``).
+        """
+        super().reset(seed=seed)
+        if seed is not None:
+            self._seed, self._episodes = int(seed), 0
+        self._slots, self._episodes = self.rollout.draw(self._seed, self._episodes, [options or {}])
+        self._obs, arrays = self.rollout.load(self._slots)
+        self._arrays = {k: v[0] for k, v in arrays.items()}
+        return {k: v.copy() for k, v in self._arrays.items()}, dict(self._slots[0])
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """Execute the plan ``action`` on the current instance; the episode ends (see the class docstring)."""
+        if not self._slots or self._obs is None:
+            raise RuntimeError("call reset() before step(): each episode is one instance and one step")
+        action = np.asarray(action)
+        if action.ndim != 1:
+            raise ValueError(f"SkipEnv takes one action of shape ({self.rollout.n_actions},), got {list(action.shape)}")
+        reward, infos = self.rollout.step(self._obs, self._slots, action[None], self.constraint)
+        self._slots = []
+        return {k: v.copy() for k, v in self._arrays.items()}, float(reward[0]), True, False, infos[0]

@@ -1,0 +1,222 @@
+"""Batched rollouts: n skip episodes stepped in one runtime call, as a Stable-Baselines3 ``VecEnv``.
+
+Stepping n :class:`~rlskip.envs.skip_env.SkipEnv` one after another pays the per-call overhead (python,
+the decoding loop, small matrix products) n times; here the n instances are observed in one batched
+``observe`` and their n distinct plans executed in one ``generate`` (or ``classify``), the runtime running
+each sub-layer only on the rows whose plan keeps it. Rewards and infos are those of ``SkipEnv`` on the same
+instances and actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+from rlskip.envs.skip_env import (
+    Budget,
+    ConstraintHandler,
+    FullOutput,
+    SkipRollout,
+    check_constraint,
+    default_constraint,
+    new_seed,
+)
+from rlskip.envs.tasks.base import Example, Task
+from rlskip.runtime import Observation
+from rlskip.space import SkipSpace
+
+
+class SkipVecEnv(VecEnv):
+    """``num_envs`` one-step skip episodes per step, executed as one batch.
+
+    Observation, action, reward and info are those of :class:`~rlskip.envs.skip_env.SkipEnv` (see there),
+    stacked over the ``num_envs`` slots. Every episode lasts one step, so after each step every slot is done:
+    as Stable-Baselines3 expects, ``infos[j]["terminal_observation"]`` holds the finished instance's
+    observation, and the returned observations are those of n freshly drawn instances (observed in one
+    batched call). The full model's outputs are cached per instance index; those still missing at a step
+    are computed in the same runtime call.
+
+    All slots draw from **one** data stream: step ``t``'s slot ``j`` holds episode ``t * num_envs + j`` of the
+    stream ``seed`` (the order of ``SkipEnv`` with the same seed), so the order follows from the seed and the
+    episode count; :meth:`get_state` / :meth:`set_state` save and restore them, and the instances in the
+    slots, for a learner that resumes.
+    ``seed(s)`` restarts the stream with ``s`` at the next ``reset()``; ``set_options`` accepts, per slot,
+    ``{"index": i}`` (that instance, not drawn) and ``{"budget": b}``, applied at the next ``reset()``.
+
+    The slots are one batched environment, not n objects: ``get_attr`` returns the shared attribute once
+    per requested slot, ``set_attr`` sets it for all slots (``set_attr("constraint", handler)`` or
+    ``vec_env.constraint = handler`` swaps the reward handler), and ``env_method`` calls the method once
+    and returns its result for each requested slot.
+
+    Args:
+        model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
+        gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, constraint, seed: as for
+            :class:`~rlskip.envs.skip_env.SkipEnv`.
+        num_envs: number of parallel instances per step (the batch size of the runtime calls).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        task: Task,
+        examples: Sequence[Example] | None = None,
+        *,
+        num_envs: int = 16,
+        split: str | None = None,
+        data_files: Any = None,
+        limit: int | None = None,
+        max_source_tokens: int | None = None,
+        max_new_tokens: int | None = None,
+        gen_kwargs: dict[str, Any] | None = None,
+        budget: Budget = 1.0,
+        budget_in_obs: bool = False,
+        fidelity: str | None = None,
+        policy_flops: float = 0.0,
+        constraint: ConstraintHandler | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be positive, got {num_envs}")
+        self.rollout = SkipRollout(
+            model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
+            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops,
+        )
+        self.render_mode = None  # read by VecEnv.__init__ through get_attr
+        self.constraint = constraint if constraint is not None else default_constraint()
+        self._seed = new_seed() if seed is None else int(seed)
+        self._episodes = 0  # draws taken from the stream so far
+        self._slots: list[dict[str, Any]] = []  # per slot {"index", "budget"}, until stepped
+        self._obs: Observation | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+        self._actions: np.ndarray | None = None
+        super().__init__(num_envs, self.rollout.observation_space, self.rollout.action_space)
+
+    # -- shared state -------------------------------------------------------------------------------
+    @property
+    def constraint(self) -> ConstraintHandler:
+        """The reward handler; assign to swap it (e.g. a learner updating its multiplier)."""
+        return self._constraint
+
+    @constraint.setter
+    def constraint(self, handler: ConstraintHandler) -> None:
+        self._constraint = check_constraint(handler)
+
+    @property
+    def full_outputs(self) -> dict[int, FullOutput]:
+        """Cache of the full model's output and quality per instance index (clear it after changing the
+        generator's weights)."""
+        return self.rollout.full_outputs
+
+    @full_outputs.setter
+    def full_outputs(self, cache: dict[int, FullOutput]) -> None:
+        self.rollout.full_outputs = cache
+
+    @property
+    def examples(self) -> list[Example]:
+        return self.rollout.examples
+
+    @property
+    def space(self) -> SkipSpace:
+        """The backbone's SkipSpace: the order of the sub-layer bits of an action."""
+        return self.rollout.space
+
+    def current_indices(self) -> list[int]:
+        """The instance index in each slot (the instances the next step executes)."""
+        return [slot["index"] for slot in self._slots]
+
+    def precompute_full(self, indices: Sequence[int] | None = None, batch_size: int = 16) -> None:
+        """Fill :attr:`full_outputs` for ``indices`` (all instances by default) in batches of ``batch_size``."""
+        self.rollout.precompute_full(indices, batch_size)
+
+    def get_state(self) -> dict[str, Any]:
+        """The data order's state, JSON-serialisable: ``{"seed", "episodes"`` (draws taken from the stream),
+        ``"slots"`` (the instances held for the next step, ``[{"index", "budget"}, ...]``, or ``[]``)``}``."""
+        return {"seed": self._seed, "episodes": self._episodes, "slots": [dict(slot) for slot in self._slots]}
+
+    def set_state(self, state: dict[str, Any]) -> VecEnvObs | None:
+        """Restore a :meth:`get_state` result: the held instances are observed again (one batched call), so
+        ``step()`` may follow directly; ``reset()`` continues the stream. Returns their observations, or None."""
+        slots = [dict(slot) for slot in state["slots"]]
+        if slots and len(slots) != self.num_envs:
+            raise ValueError(f"the state holds {len(slots)} slots but this SkipVecEnv has {self.num_envs}")
+        self._seed, self._episodes = int(state["seed"]), int(state["episodes"])
+        if not slots:
+            self._slots, self._obs, self._arrays = [], None, {}
+            return None
+        return self._load(slots)
+
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
+        """Restart the (single, shared) data stream with ``seed`` at the next ``reset()``; None draws one."""
+        seed = new_seed() if seed is None else int(seed)
+        self._seeds = [seed] * self.num_envs
+        return list(self._seeds)
+
+    # -- episodes -----------------------------------------------------------------------------------
+    def _load(self, slots: list[dict[str, Any]]) -> VecEnvObs:
+        """Put instances in the slots and observe them in one batched call."""
+        self._slots = slots
+        self._obs, self._arrays = self.rollout.load(slots)
+        self.reset_infos = [dict(slot) for slot in slots]
+        return {k: v.copy() for k, v in self._arrays.items()}
+
+    def reset(self) -> VecEnvObs:
+        """Draw ``num_envs`` instances (applying pending ``seed`` and ``set_options``) and observe them."""
+        if self._seeds[0] is not None:
+            self._seed, self._episodes = int(self._seeds[0]), 0
+        slots, self._episodes = self.rollout.draw(self._seed, self._episodes, self._options)
+        self._reset_seeds()
+        self._reset_options()
+        return self._load(slots)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        if not self._slots or self._obs is None or self._actions is None:
+            raise RuntimeError("call reset() before step(), and step_async() before step_wait()")
+        actions, self._actions = self._actions, None
+        if actions.shape[:1] != (self.num_envs,):
+            raise ValueError(f"expected one action per slot ({self.num_envs}), got actions of shape {list(actions.shape)}")
+        rewards, infos = self.rollout.step(self._obs, self._slots, actions, self.constraint)
+        finished = self._arrays
+        for j, info in enumerate(infos):
+            info["terminal_observation"] = {k: v[j].copy() for k, v in finished.items()}
+            info["TimeLimit.truncated"] = False
+        slots, self._episodes = self.rollout.draw(self._seed, self._episodes, [{}] * self.num_envs)
+        obs = self._load(slots)
+        return obs, rewards.astype(np.float32), np.ones(self.num_envs, dtype=bool), infos
+
+    def close(self) -> None:
+        self._slots, self._obs, self._arrays = [], None, {}
+
+    # -- VecEnv plumbing for a single batched environment -------------------------------------------
+    def _slot_numbers(self, indices: VecEnvIndices) -> list[int]:
+        slots = list(self._get_indices(indices))
+        bad = [i for i in slots if not 0 <= i < self.num_envs]
+        if bad:
+            raise ValueError(f"slot indices {bad} out of range for {self.num_envs} environments")
+        return slots
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        value = getattr(self, attr_name)
+        return [value for _ in self._slot_numbers(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        if sorted(self._slot_numbers(indices)) != list(range(self.num_envs)):
+            raise ValueError(f"attributes of a SkipVecEnv are shared by all slots; cannot set {attr_name!r} for some only")
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        slots = self._slot_numbers(indices)
+        result = getattr(self, method_name)(*method_args, **method_kwargs)
+        return [result for _ in slots]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._slot_numbers(indices)]

@@ -1,0 +1,288 @@
+"""SkipEnv and SkipVecEnv on the synthetic task: API checkers, observation layout, action semantics, the
+full-model cache, batching against one-at-a-time stepping, reward handlers and the data order."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+from transformers import BartForConditionalGeneration
+
+from rlskip.constraints import Fixed
+from rlskip.envs import SkipEnv, SkipVecEnv
+from rlskip.envs.tasks import get_task
+from rlskip.envs.tasks.synthetic import small_bart_config, synthetic_tokenizer
+
+MAX_SRC, MAX_NEW = 32, 8
+# What the checkers may say about these spaces, by design: hidden states are unbounded, and the token
+# states are a matrix for the policy's token head (SB3 suggests flattening it).
+EXPECTED_WARNINGS = ("infinity", "unconventional shape")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return synthetic_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random BART whose outputs depend on the source and end at varied lengths."""
+    torch.manual_seed(0)
+    cfg = small_bart_config(
+        d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=3, decoder_layers=2, init_std=0.15,
+        tie_word_embeddings=False,
+    )
+    m = BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        m.final_logits_bias[0, cfg.eos_token_id] = 1.0
+    return m
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_task("synthetic", n_train=40, n_eval=10)
+
+
+@pytest.fixture(scope="module")
+def examples(task):
+    return task.load("train")
+
+
+def make_env(model, tokenizer, task, examples, **kw) -> SkipEnv:
+    return SkipEnv(model, tokenizer, task, examples, max_source_tokens=MAX_SRC, max_new_tokens=MAX_NEW, **kw)
+
+
+def make_vec(model, tokenizer, task, examples, num_envs=4, **kw) -> SkipVecEnv:
+    return SkipVecEnv(
+        model, tokenizer, task, examples, num_envs=num_envs, max_source_tokens=MAX_SRC, max_new_tokens=MAX_NEW, **kw
+    )
+
+
+def random_actions(env, n, seed) -> np.ndarray:
+    env.action_space.seed(seed)
+    return np.stack([env.action_space.sample() for _ in range(n)])
+
+
+def test_gymnasium_and_sb3_check_env_pass(model, tokenizer, task, examples):
+    env = make_env(model, tokenizer, task, examples, budget=(0.3, 0.9), budget_in_obs=True, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gym_check_env(env, skip_render_check=True)
+        sb3_check_env(env)
+    unexpected = [str(w.message) for w in caught if not any(e in str(w.message) for e in EXPECTED_WARNINGS)]
+    assert not unexpected
+
+
+def test_observation_layout(model, tokenizer, task, examples):
+    env = make_env(model, tokenizer, task, examples, budget_in_obs=True, budget=0.7, seed=1)
+    d = model.config.d_model
+    obs, info = env.reset()
+    assert set(obs) == {"pooled", "tokens", "token_mask", "budget"}
+    assert obs["pooled"].shape == (d,) and obs["tokens"].shape == (MAX_SRC, d) and obs["token_mask"].shape == (MAX_SRC,)
+    assert all(v.dtype == np.float32 for v in obs.values()) and obs in env.observation_space
+    n = len(tokenizer(examples[info["index"]].source)["input_ids"])
+    assert obs["token_mask"].tolist() == [1.0] * n + [0.0] * (MAX_SRC - n)
+    assert not obs["tokens"][n:].any() and obs["tokens"][:n].any(axis=1).all()
+    np.testing.assert_allclose(obs["pooled"], obs["tokens"][:n].mean(0), rtol=1e-5, atol=1e-6)
+    assert obs["budget"].tolist() == [pytest.approx(0.7)] and info["budget"] == pytest.approx(0.7)
+    obs, info = env.reset(options={"index": 3, "budget": 0.25})
+    assert info == {"index": 3, "budget": 0.25} and obs["budget"][0] == pytest.approx(0.25)
+    assert "budget" not in make_env(model, tokenizer, task, examples, seed=1).reset()[0]
+
+
+def test_padding_bits_are_ignored_and_special_tokens_kept(model, tokenizer, task, examples):
+    env = make_env(model, tokenizer, task, examples, seed=2)
+    n_bits = env.space.n_bits
+    obs, info = env.reset(options={"index": 5})
+    n = int(obs["token_mask"].sum())
+    assert n < MAX_SRC
+    action = random_actions(env, 1, seed=0)[0]
+    other = action.copy()
+    other[n_bits + n :] = 1 - other[n_bits + n :]  # flip every padding-position bit
+    env.reset(options={"index": 5})
+    _, r1, *_, i1 = env.step(action)
+    env.reset(options={"index": 5})
+    _, r2, *_, i2 = env.step(other)
+    assert r1 == r2
+    assert {k: v for k, v in i1.items() if k != "plan_bits"} == {k: v for k, v in i2.items() if k != "plan_bits"}
+    # dropping every token still keeps <s> and </s>
+    no_tokens = np.ones(env.rollout.n_actions, dtype=np.int8)
+    no_tokens[n_bits:] = 0
+    env.reset(options={"index": 5})
+    assert env.step(no_tokens)[4]["tokens_kept"] == 2
+
+
+def test_all_ones_action_reproduces_the_full_model(model, tokenizer, task, examples):
+    env = make_env(model, tokenizer, task, examples, seed=3, fidelity="exact_match")
+    env.reset()
+    _, reward, terminated, truncated, info = env.step(np.ones(env.rollout.n_actions, dtype=np.int8))
+    assert terminated and not truncated
+    assert info["text"] == info["text_full"] and info["cost"] == pytest.approx(1.0)
+    assert info["quality"] == info["quality_full"] == 1.0
+    assert info["tokens_kept"] == len(env.rollout.source_ids[info["index"]])
+    assert reward == pytest.approx(1.0 - 0.5 * 1.0)
+
+
+def test_full_model_output_is_computed_once_per_instance(model, tokenizer, task, examples, monkeypatch):
+    env = make_env(model, tokenizer, task, examples, seed=4)
+    runtime = env.rollout.runtime
+    rows_per_call: list[int] = []
+    generate = runtime.generate
+
+    def counting_generate(obs, plan, **kw):
+        rows_per_call.append(plan.batch_size)
+        return generate(obs, plan, **kw)
+
+    monkeypatch.setattr(runtime, "generate", counting_generate)
+    actions = random_actions(env, 3, seed=1)
+    for action in actions:
+        env.reset(options={"index": 7})
+        info = env.step(action)[4]
+    # first step: the plan's row plus the all-ones row in the same call; later steps: the plan alone
+    assert rows_per_call == [2, 1, 1]
+    assert set(env.full_outputs) == {7} and env.full_outputs[7].text == info["text_full"]
+    env.full_outputs.clear()  # what a learner does after tuning the generator
+    env.reset(options={"index": 7})
+    env.step(actions[0])
+    assert rows_per_call[-1] == 2
+
+
+def test_vec_env_equals_dummy_vec_env_of_skip_envs(model, tokenizer, task, examples, monkeypatch):
+    n = 4
+    vec = make_vec(model, tokenizer, task, examples, num_envs=n, seed=5, budget=(0.2, 1.0), budget_in_obs=True)
+    single = DummyVecEnv([lambda: make_env(model, tokenizer, task, examples, budget_in_obs=True)] * n)
+    calls = []
+    generate = vec.rollout.runtime.generate
+    monkeypatch.setattr(vec.rollout.runtime, "generate", lambda obs, plan, **kw: calls.append(1) or generate(obs, plan, **kw))
+    vec_obs = vec.reset()
+    for round_ in range(2):
+        single.set_options(vec.reset_infos)  # the same instances and budgets, by index
+        single_obs = single.reset()
+        lengths = {len(vec.rollout.source_ids[i]) for i in vec.current_indices()}
+        assert len(lengths) > 1, "the batch should mix source lengths"
+        for key in vec_obs:
+            np.testing.assert_allclose(vec_obs[key], single_obs[key], atol=1e-5, err_msg=key)
+        actions = random_actions(vec, n, seed=10 + round_)
+        calls.clear()
+        next_obs, rewards, dones, infos = vec.step(actions)
+        assert len(calls) == 1, "one batched runtime call per step"
+        _, single_rewards, single_dones, single_infos = single.step(actions)
+        assert dones.all() and single_dones.all()
+        np.testing.assert_allclose(rewards, single_rewards, atol=1e-6)
+        for a, b in zip(infos, single_infos):
+            assert a["index"] == b["index"] and a["text"] == b["text"] and a["text_full"] == b["text_full"]
+            assert a["tokens_kept"] == b["tokens_kept"] and (a["plan_bits"] == b["plan_bits"]).all()
+            for key in ("quality", "quality_full", "cost", "reward", "budget"):
+                assert a[key] == pytest.approx(b[key], abs=1e-9), key
+            for key, value in a["terminal_observation"].items():
+                np.testing.assert_allclose(value, b["terminal_observation"][key], atol=1e-5)
+        vec_obs = next_obs  # the auto-reset instances are the next round's
+
+
+def test_swapping_the_constraint_changes_reward_only(model, tokenizer, task, examples):
+    class Doubled:
+        lam = 0.0
+
+        def reward(self, quality, quality_full, cost):
+            return 2.0 * quality - cost
+
+    vec = make_vec(model, tokenizer, task, examples, num_envs=3, seed=6)
+    actions = random_actions(vec, 3, seed=2)
+
+    def step_instances_0_1_2():
+        vec.set_options([{"index": i} for i in (0, 1, 2)])
+        vec.reset()
+        return vec.step(actions)
+
+    results = [step_instances_0_1_2()]  # the default handler
+    vec.set_attr("constraint", Doubled())
+    results.append(step_instances_0_1_2())
+    vec.constraint = Fixed(lam=3.0)
+    results.append(step_instances_0_1_2())
+    (_, r0, _, i0), (_, r1, _, i1), (_, r2, _, i2) = results
+    for a, b, c in zip(i0, i1, i2):
+        assert a["quality"] == b["quality"] == c["quality"] and a["cost"] == b["cost"] == c["cost"]
+    q, cost = np.array([i["quality"] for i in i0]), np.array([i["cost"] for i in i0])
+    np.testing.assert_allclose(r0, q - 0.5 * cost, rtol=1e-6)
+    np.testing.assert_allclose(r1, 2.0 * q - cost, rtol=1e-6)
+    np.testing.assert_allclose(r2, q - 3.0 * cost, rtol=1e-6)
+    assert vec.get_attr("constraint", indices=[0, 2])[0].lam == 3.0
+    with pytest.raises(ValueError, match="reward"):
+        vec.constraint = object()
+
+
+def test_seeded_data_order_is_reproducible_and_resumable(model, tokenizer, task, examples):
+    def order(env, steps, state=None):
+        if state is None:
+            env.reset()
+        else:
+            env.set_state(state)  # restores the instances in the slots: step() follows directly
+        seen = []
+        for _ in range(steps):
+            seen.append(env.current_indices())
+            env.step(np.ones((env.num_envs, env.rollout.n_actions), dtype=np.int8))
+        return seen
+
+    a = order(make_vec(model, tokenizer, task, examples, num_envs=5, seed=11), 8)
+    assert a == order(make_vec(model, tokenizer, task, examples, num_envs=5, seed=11), 8)
+    assert a[:2] != order(make_vec(model, tokenizer, task, examples, num_envs=5, seed=12), 2)
+    flat = [i for step in a for i in step]
+    assert sorted(flat) == list(range(40)), "an epoch covers the data once"
+    # resume: the state after 3 steps continues exactly where the first run went on
+    vec = make_vec(model, tokenizer, task, examples, num_envs=5, seed=11)
+    order(vec, 3)
+    state = json.loads(json.dumps(vec.get_state()))  # survives a checkpoint file
+    assert state["seed"] == 11 and state["episodes"] == 20 and [s["index"] for s in state["slots"]] == a[3]
+    assert order(make_vec(model, tokenizer, task, examples, num_envs=5, seed=99), 5, state) == a[3:]
+    # SkipEnv draws the same stream, one instance per episode
+    env = make_env(model, tokenizer, task, examples, seed=11)
+    assert [env.reset()[1]["index"] for _ in range(10)] == flat[:10]
+    vec.seed(11)
+    vec.reset()
+    assert vec.current_indices() == a[0]
+    env.reset()
+    held = env.get_state()
+    resumed = make_env(model, tokenizer, task, examples)
+    obs = resumed.set_state(held)
+    assert resumed.step(np.ones(resumed.rollout.n_actions, dtype=np.int8))[4]["index"] == flat[10]
+    np.testing.assert_array_equal(obs["pooled"], env.step(np.ones(env.rollout.n_actions, dtype=np.int8))[0]["pooled"])
+
+
+def test_bad_inputs_fail_with_clear_errors(model, tokenizer, task, examples):
+    env = make_env(model, tokenizer, task, examples, seed=0)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.ones(env.rollout.n_actions, dtype=np.int8))
+    env.reset()
+    with pytest.raises(ValueError, match=f"{env.rollout.n_actions} entries"):
+        env.step(np.ones(env.rollout.n_actions + 1, dtype=np.int8))
+    with pytest.raises(ValueError, match="0 .skip. or 1 .keep."):
+        env.step(np.full(env.rollout.n_actions, 2, dtype=np.int8))
+    with pytest.raises(ValueError, match="instance index in 0..39"):
+        env.reset(options={"index": 40})
+    with pytest.raises(ValueError, match="budget"):
+        env.reset(options={"budget": 1.5})
+    with pytest.raises(ValueError, match="max_source_tokens must be in 1..64"):
+        SkipEnv(model, tokenizer, task, examples, max_source_tokens=65)
+    with pytest.raises(ValueError, match="classification task but the model is a generator"):
+        SkipEnv(model, tokenizer, get_task("glue", config="sst2"), examples)
+    with pytest.raises(ValueError, match="unknown metric"):
+        SkipEnv(model, tokenizer, task, examples, fidelity="bleu")
+    with pytest.raises(ValueError, match="contradicts"):
+        SkipEnv(model, tokenizer, task, examples, max_new_tokens=8, gen_kwargs={"max_new_tokens": 4})
+    with pytest.raises(ValueError, match="no examples"):
+        SkipEnv(model, tokenizer, task, [])
+
+
+def test_ppo_runs_on_the_vec_env(model, tokenizer, task, examples):
+    from stable_baselines3 import PPO
+
+    vec = make_vec(model, tokenizer, task, examples, num_envs=4, seed=7)
+    agent = PPO("MultiInputPolicy", vec, n_steps=2, batch_size=8, n_epochs=1, seed=0, device="cpu")
+    agent.learn(total_timesteps=8)
+    assert agent.num_timesteps == 8 and vec.get_state()["episodes"] >= 8
