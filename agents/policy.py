@@ -1,0 +1,262 @@
+"""SkipPolicy: reads the first layer's hidden states and decides, per instance, what to skip.
+
+Two heads share one trunk over the pooled features:
+
+- the **bit head** gives one Bernoulli logit per skippable candidate (keep = 1) from the pooled vector;
+- the **token head** gives one Bernoulli logit per source token (keep = 1) from that token's hidden state
+  plus the trunk's context vector, so whether a token may go can depend on the document and the budget.
+
+With ``budget_input`` a compute budget in [0, 1] is concatenated to the pooled features, so one policy
+serves several budgets chosen at inference.
+
+Every output layer starts with tiny weights and a bias of ``init_keep_logit``: at the start nearly
+everything is kept (sigmoid(3) ~ 0.95) whatever the input, so early rollouts run close to the full model
+and early rewards are informative (the same reason Stable-Baselines3 initialises its action head with
+gain 0.01).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Bernoulli
+
+from rlskip.flops import mlp_flops
+from rlskip.runtime.base import Observation
+
+# output weights start this small so initial logits are ~init_keep_logit for any input
+_OUT_GAIN = 0.01
+
+
+def observation_inputs(obs: Observation) -> dict[str, torch.Tensor]:
+    """The policy's inputs from a runtime observation: ``pooled``, ``tokens`` and ``token_mask``.
+
+    The token mask is the real, non-special tokens: the runtime always keeps special tokens and always
+    removes padding, so decisions there change nothing and would only add noise to the gradient.
+
+    Args:
+        obs: what :meth:`rlskip.runtime.base.Runtime.observe` returned.
+    """
+    return {"pooled": obs.pooled(), "tokens": obs.hidden, "token_mask": obs.attention_mask & ~obs.always_keep}
+
+
+class SkipPolicy(nn.Module):
+    """Bernoulli keep/skip policy over the candidates of a SkipSpace and over input tokens.
+
+    Args:
+        d_model: width of the backbone's hidden states.
+        n_bits: number of skippable candidates (``SkipSpace.n_bits``).
+        hidden: width of the trunk and of the token head.
+        token_head: whether to decide per token (token dropping); without it token outputs are None.
+        budget_input: whether a compute budget in [0, 1] is an input (then it is required).
+        init_keep_logit: initial logit of every keep decision; 3.0 keeps ~95% at the start.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_bits: int,
+        hidden: int = 64,
+        token_head: bool = True,
+        budget_input: bool = False,
+        init_keep_logit: float = 3.0,
+    ) -> None:
+        super().__init__()
+        for label, v in (("d_model", d_model), ("n_bits", n_bits), ("hidden", hidden)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"SkipPolicy {label} must be a positive integer, got {v}")
+        self.init_kwargs = {
+            "d_model": int(d_model), "n_bits": int(n_bits), "hidden": int(hidden), "token_head": bool(token_head),
+            "budget_input": bool(budget_input), "init_keep_logit": float(init_keep_logit),
+        }
+        self.d_model, self.n_bits = int(d_model), int(n_bits)
+        self.budget_input = bool(budget_input)
+        # hidden states of different backbones (and layers) differ in scale by orders of magnitude
+        self.pooled_norm = nn.LayerNorm(d_model)
+        self.trunk = nn.Sequential(nn.Linear(d_model + int(budget_input), hidden), nn.Tanh())
+        self.bit_out = nn.Linear(hidden, n_bits)
+        self._init_out(self.bit_out, init_keep_logit)
+        self.token_head = bool(token_head)
+        if self.token_head:
+            self.token_norm = nn.LayerNorm(d_model)
+            self.token_in = nn.Linear(d_model, hidden)
+            self.token_ctx = nn.Linear(hidden, hidden, bias=False)  # once per row: document and budget context
+            self.token_out = nn.Linear(hidden, 1)
+            self._init_out(self.token_out, init_keep_logit)
+
+    @staticmethod
+    def _init_out(layer: nn.Linear, bias: float) -> None:
+        nn.init.orthogonal_(layer.weight, gain=_OUT_GAIN)
+        nn.init.constant_(layer.bias, bias)
+
+    # ------------------------------------------------------------------------------------------------
+    def _check(self, pooled, tokens, token_mask, budget) -> None:
+        if pooled.dim() != 2 or pooled.shape[1] != self.d_model:
+            raise ValueError(f"SkipPolicy expects pooled [batch, {self.d_model}], got {list(pooled.shape)}")
+        b = pooled.shape[0]
+        if tokens is not None and (tokens.dim() != 3 or tokens.shape[0] != b or tokens.shape[2] != self.d_model):
+            raise ValueError(f"SkipPolicy expects tokens [{b}, source_len, {self.d_model}], got {list(tokens.shape)}")
+        if token_mask is not None:
+            if tokens is None:
+                raise ValueError("SkipPolicy got a token_mask without tokens")
+            if token_mask.dtype != torch.bool or token_mask.shape != tokens.shape[:2]:
+                raise ValueError(
+                    f"SkipPolicy expects token_mask as a bool tensor {list(tokens.shape[:2])}, "
+                    f"got {token_mask.dtype} {list(token_mask.shape)}"
+                )
+        if self.budget_input:
+            if budget is None:
+                raise ValueError("this SkipPolicy was built with budget_input=True: pass budget [batch] in [0, 1]")
+            if budget.shape != (b,):
+                raise ValueError(f"SkipPolicy expects budget [{b}], got {list(budget.shape)}")
+            if not bool(((budget >= 0) & (budget <= 1)).all()):
+                raise ValueError(f"budget must lie in [0, 1], got {budget.min().item():.4g}..{budget.max().item():.4g}")
+        elif budget is not None:
+            raise ValueError("this SkipPolicy was built without budget_input: it takes no budget")
+
+    def forward(
+        self,
+        pooled: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        budget: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keep logits: ``(bit_logits [B, n_bits], token_logits [B, S] or None)``.
+
+        Args:
+            pooled: ``[B, d_model]`` pooled first-layer hidden states.
+            tokens: ``[B, S, d_model]`` per-token hidden states; None (or no token head) gives no token logits.
+            token_mask: ``[B, S]`` bool, True where a token decision counts; logits elsewhere are 0 and
+                carry no gradient (see :meth:`evaluate_actions`).
+            budget: ``[B]`` compute budget in [0, 1]; required exactly when ``budget_input`` is set.
+        """
+        self._check(pooled, tokens, token_mask, budget)
+        x = self.pooled_norm(pooled)
+        if self.budget_input:
+            x = torch.cat([x, budget.to(x.dtype).unsqueeze(1)], dim=1)
+        z = self.trunk(x)
+        bit_logits = self.bit_out(z)
+        token_logits = None
+        if self.token_head and tokens is not None:
+            t = torch.tanh(self.token_in(self.token_norm(tokens)) + self.token_ctx(z).unsqueeze(1))
+            token_logits = self.token_out(t).squeeze(-1)
+            if token_mask is not None:
+                # whatever sits at padded positions (even NaN) must not leak into sampling or log-probs
+                token_logits = torch.where(token_mask, token_logits, torch.zeros_like(token_logits))
+        # NaN hidden states (or diverged weights) would otherwise surface later as an opaque sampling error
+        if not all(bool(x.isfinite().all()) for x in (bit_logits, token_logits) if x is not None):
+            raise ValueError("SkipPolicy produced non-finite logits: NaN or inf in the hidden states or the policy weights")
+        return bit_logits, token_logits
+
+    def evaluate_actions(
+        self,
+        pooled: torch.Tensor,
+        bits: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        token_keep: torch.Tensor | None = None,
+        budget: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability and entropy of given decisions, summed per instance: ``(log_prob [B], entropy [B])``.
+
+        Token positions outside ``token_mask`` contribute neither log-probability nor entropy.
+
+        Args:
+            pooled, tokens, token_mask, budget: as in :meth:`forward`; ``token_mask`` None = every position counts.
+            bits: ``[B, n_bits]`` keep decisions (bool or 0/1).
+            token_keep: ``[B, S]`` token keep decisions; required when token logits are produced.
+        """
+        bit_logits, token_logits = self(pooled, tokens, token_mask, budget)
+        if bits.shape != bit_logits.shape:
+            raise ValueError(f"evaluate_actions needs bits {list(bit_logits.shape)}, got {list(bits.shape)}")
+        if token_logits is not None and (token_keep is None or token_keep.shape != token_logits.shape):
+            got = None if token_keep is None else list(token_keep.shape)
+            raise ValueError(f"evaluate_actions needs token_keep {list(token_logits.shape)}, got {got}")
+        return self._score(bit_logits, token_logits, bits, token_keep, token_mask)
+
+    def sample(
+        self,
+        pooled: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        budget: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Sample decisions: ``(bits [B, n_bits] bool, token_keep [B, S] bool or None, log_prob [B], entropy [B])``.
+
+        ``log_prob`` and ``entropy`` carry gradients (a REINFORCE step needs no second forward pass).
+        Positions outside ``token_mask`` are set to keep: the policy decides nothing there.
+
+        Args:
+            pooled, tokens, token_mask, budget: as in :meth:`forward`.
+            generator: random generator for reproducible sampling.
+        """
+        bit_logits, token_logits = self(pooled, tokens, token_mask, budget)
+        with torch.no_grad():
+            bits = torch.bernoulli(torch.sigmoid(bit_logits), generator=generator).bool()
+            token_keep = None
+            if token_logits is not None:
+                token_keep = torch.bernoulli(torch.sigmoid(token_logits), generator=generator).bool()
+                if token_mask is not None:
+                    token_keep |= ~token_mask
+        log_prob, entropy = self._score(bit_logits, token_logits, bits, token_keep, token_mask)
+        return bits, token_keep, log_prob, entropy
+
+    @staticmethod
+    def _score(bit_logits, token_logits, bits, token_keep, token_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-instance sums of Bernoulli log-probabilities and entropies, token positions masked."""
+        bit_dist = Bernoulli(logits=bit_logits)
+        log_prob = bit_dist.log_prob(bits.to(bit_logits.dtype)).sum(1)
+        entropy = bit_dist.entropy().sum(1)
+        if token_logits is not None:
+            tok_dist = Bernoulli(logits=token_logits)
+            m = torch.ones_like(token_logits) if token_mask is None else token_mask.to(token_logits.dtype)
+            log_prob = log_prob + (tok_dist.log_prob(token_keep.to(token_logits.dtype)) * m).sum(1)
+            entropy = entropy + (tok_dist.entropy() * m).sum(1)
+        return log_prob, entropy
+
+    @torch.no_grad()
+    def decide(
+        self,
+        pooled: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        budget: torch.Tensor | None = None,
+        threshold: float = 0.5,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Deterministic decisions for inference: keep where ``sigmoid(logit) >= threshold``.
+
+        Returns ``(bits [B, n_bits] bool, token_keep [B, S] bool or None)``; positions outside ``token_mask``
+        are kept.
+
+        Args:
+            pooled, tokens, token_mask, budget: as in :meth:`forward`.
+            threshold: keep probability at or above which a unit is kept, in (0, 1).
+        """
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        bit_logits, token_logits = self(pooled, tokens, token_mask, budget)
+        bits = torch.sigmoid(bit_logits) >= threshold
+        if token_logits is None:
+            return bits, None
+        token_keep = torch.sigmoid(token_logits) >= threshold
+        if token_mask is not None:
+            token_keep |= ~token_mask
+        return bits, token_keep
+
+    def flops(self, source_len: int) -> float:
+        """FLOPs of one decision for an instance of ``source_len`` tokens (add it to the plan's cost).
+
+        The trunk, bit head and token context run once per instance; the token head once per token.
+        LayerNorms are not counted, as in :mod:`rlskip.flops`.
+
+        Args:
+            source_len: source tokens the token head reads (the full source: it runs before dropping).
+        """
+        per_row = mlp_flops(self.trunk) + mlp_flops(self.bit_out)
+        if not self.token_head:
+            return per_row
+        per_row += mlp_flops(self.token_ctx)
+        return per_row + mlp_flops(self.token_in, tokens_per_row=source_len) + mlp_flops(
+            self.token_out, tokens_per_row=source_len
+        )

@@ -1,0 +1,183 @@
+"""SkipPolicy: shapes, masking of padded tokens, log-probabilities, initial keep rate, budget input, FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlskip.agents.policy import SkipPolicy, observation_inputs
+from rlskip.flops import Dims, encoder_decoder_flops
+from rlskip.runtime.base import Observation
+from rlskip.space import SkipSpace
+
+D, BITS = 16, 10
+
+
+def _inputs(batch=3, seq=7, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, seq, D, generator=g) * scale
+    lengths = torch.tensor([seq, 4, 2][:batch])
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return pooled, tokens, mask
+
+
+def test_output_shapes():
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS)
+    bits, tok = pol(pooled, tokens, mask)
+    assert bits.shape == (3, BITS) and tok.shape == (3, 7)
+    assert pol(pooled)[1] is None  # no tokens given: no token decisions
+    bits, keep, lp, ent = pol.sample(pooled, tokens, mask)
+    assert bits.shape == (3, BITS) and bits.dtype == torch.bool
+    assert keep.shape == (3, 7) and keep.dtype == torch.bool
+    assert lp.shape == (3,) and ent.shape == (3,)
+    no_tokens = SkipPolicy(D, BITS, token_head=False)
+    assert no_tokens(pooled, tokens, mask)[1] is None
+    b, k, lp, _ = no_tokens.sample(pooled, tokens, mask)
+    assert k is None and lp.shape == (3,)
+
+
+def test_log_prob_and_entropy_match_bernoulli_by_hand():
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS, init_keep_logit=0.3)
+    torch.manual_seed(1)
+    bits, keep, lp, ent = pol.sample(pooled, tokens, mask)
+    bl, tl = pol(pooled, tokens, mask)
+
+    def logp(logits, a):  # log sigmoid(l) for a kept unit, log(1 - sigmoid(l)) for a skipped one
+        p = torch.sigmoid(logits)
+        return torch.where(a, p.log(), (1 - p).log())
+
+    def entropy(logits):
+        p = torch.sigmoid(logits)
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+
+    m = mask.float()
+    want_lp = logp(bl, bits).sum(1) + (logp(tl, keep) * m).sum(1)
+    want_ent = entropy(bl).sum(1) + (entropy(tl) * m).sum(1)
+    torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
+    lp2, ent2 = pol.evaluate_actions(pooled, bits, tokens, mask, keep)
+    torch.testing.assert_close(lp2, lp)
+    torch.testing.assert_close(ent2, ent)
+
+
+def test_padded_positions_contribute_nothing():
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS, init_keep_logit=0.0)
+    bits = torch.ones(3, BITS, dtype=torch.bool)
+    keep = torch.rand(3, 7) > 0.5
+    lp, ent = pol.evaluate_actions(pooled, bits, tokens, mask, keep)
+    # change what sits at padded positions (even to NaN) and the decisions there: nothing moves
+    tokens2 = torch.where(mask[..., None], tokens, torch.nan)
+    keep2 = torch.where(mask, keep, ~keep)
+    lp2, ent2 = pol.evaluate_actions(pooled, bits, tokens2, mask, keep2)
+    torch.testing.assert_close(lp2, lp)
+    torch.testing.assert_close(ent2, ent)
+    # a row with fewer real tokens has proportionally less token entropy
+    _, tl = pol(pooled, tokens, mask)
+    p = torch.sigmoid(tl)
+    tok_ent = -(p * p.log() + (1 - p) * (1 - p).log())
+    bit_ent = pol.evaluate_actions(pooled, bits)[1]  # no tokens: bits only
+    torch.testing.assert_close(ent - bit_ent, (tok_ent * mask).sum(1))
+    # sampled and decided keep-masks leave positions outside the mask kept
+    _, k, _, _ = pol.sample(pooled, tokens, mask)
+    assert k[~mask].all()
+    _, k = pol.decide(pooled, tokens, mask, threshold=0.99)
+    assert k[~mask].all() and not k[mask].any()
+
+
+def test_initial_keep_probability_is_about_095_at_any_input_scale():
+    for scale in (0.01, 1.0, 300.0):  # hidden-state scales differ by orders of magnitude across backbones
+        pooled, tokens, mask = _inputs(scale=scale)
+        bl, tl = SkipPolicy(D, BITS)(pooled, tokens, mask)
+        for p in (torch.sigmoid(bl), torch.sigmoid(tl[mask])):
+            assert 0.94 < p.min() and p.max() < 0.96
+    pol = SkipPolicy(D, BITS)
+    bits, keep = pol.decide(*_inputs())
+    assert bits.all() and keep.all()
+
+
+def test_budget_input_changes_the_outputs_and_is_required():
+    pooled, tokens, mask = _inputs()
+    torch.manual_seed(0)
+    pol = SkipPolicy(D, BITS, budget_input=True)
+    lo = pol(pooled, tokens, mask, budget=torch.full((3,), 0.2))
+    hi = pol(pooled, tokens, mask, budget=torch.full((3,), 0.9))
+    assert not torch.allclose(lo[0], hi[0]) and not torch.allclose(lo[1], hi[1])
+    with pytest.raises(ValueError, match="built with budget_input=True: pass budget"):
+        pol(pooled, tokens, mask)
+    with pytest.raises(ValueError, match=r"budget must lie in \[0, 1\]"):
+        pol(pooled, budget=torch.tensor([0.5, 1.5, 0.2]))
+    with pytest.raises(ValueError, match=r"expects budget \[3\]"):
+        pol(pooled, budget=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="built without budget_input"):
+        SkipPolicy(D, BITS)(pooled, budget=torch.full((3,), 0.5))
+
+
+def test_gradients_reach_every_parameter():
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS, budget_input=True, init_keep_logit=0.5)
+    _, _, lp, ent = pol.sample(pooled, tokens, mask, budget=torch.tensor([0.1, 0.5, 0.9]))
+    (-(lp * torch.tensor([1.0, -2.0, 0.5])).mean() - 0.01 * ent.mean()).backward()
+    for name, p in pol.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS, init_keep_logit=0.0)
+    a = pol.sample(pooled, tokens, mask, generator=torch.Generator().manual_seed(3))
+    b = pol.sample(pooled, tokens, mask, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_flops_count_and_share_of_a_bart_base_forward():
+    pol = SkipPolicy(D, BITS, hidden=8)
+    trunk, bits, ctx, tok = 2 * (D * 8), 2 * (8 * BITS), 2 * (8 * 8), 2 * (D * 8 + 8 * 1)
+    assert pol.flops(5) == trunk + bits + ctx + 5 * tok
+    assert SkipPolicy(D, BITS, hidden=8, token_head=False).flops(5) == trunk + bits
+    assert SkipPolicy(D, BITS, hidden=8, budget_input=True).flops(5) == pol.flops(5) + 2 * 8
+
+    # bart-base: d 768, ffn 3072, 6 + 6 layers; a short input and a one-step output is the worst case
+    space = SkipSpace.encoder_decoder("bart", 6, 6)
+    base = SkipPolicy(768, space.n_bits, hidden=64, budget_input=True)
+    dims = Dims(768, 3072, 3072, 50265, 6, 6)
+    for src, steps in ((16, 1), (512, 64)):
+        fixed, per = encoder_decoder_flops(dims, space, torch.tensor([src]), torch.tensor([src]), torch.tensor([steps]))
+        full = float(fixed + per.sum())
+        assert 0 < base.flops(src) < 0.01 * full
+
+
+def test_observation_inputs_mask_out_padding_and_special_tokens():
+    hidden = torch.randn(2, 5, D)
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    special = torch.tensor([[1, 0, 0, 0, 1], [1, 0, 1, 0, 0]], dtype=torch.bool)
+    obs = Observation(hidden, attn, torch.zeros(2, 5, dtype=torch.long), special)
+    inp = observation_inputs(obs)
+    assert inp["token_mask"].tolist() == [[False, True, True, True, False], [False, True, False, False, False]]
+    torch.testing.assert_close(inp["pooled"], obs.pooled())
+    bits, keep = SkipPolicy(D, BITS).decide(**inp)
+    assert bits.shape == (2, BITS) and keep.shape == (2, 5)
+
+
+def test_bad_inputs_are_one_clear_error():
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS)
+    with pytest.raises(ValueError, match=r"expects pooled \[batch, 16\], got \[3, 8\]"):
+        pol(pooled[:, :8])
+    with pytest.raises(ValueError, match=r"expects tokens \[3, source_len, 16\]"):
+        pol(pooled, tokens[:2])
+    with pytest.raises(ValueError, match="token_mask as a bool tensor"):
+        pol(pooled, tokens, mask.long())
+    with pytest.raises(ValueError, match=r"needs token_keep \[3, 7\], got None"):
+        pol.evaluate_actions(pooled, torch.ones(3, BITS), tokens, mask)
+    with pytest.raises(ValueError, match=r"needs bits \[3, 10\], got \[3, 9\]"):
+        pol.evaluate_actions(pooled, torch.ones(3, 9))
+    with pytest.raises(ValueError, match=r"threshold must lie in \(0, 1\)"):
+        pol.decide(pooled, threshold=1.0)
+    with pytest.raises(ValueError, match="non-finite logits: NaN or inf in the hidden states"):
+        pol.sample(torch.where(torch.arange(D) == 3, torch.nan, pooled))
+    with pytest.raises(ValueError, match="n_bits must be a positive integer"):
+        SkipPolicy(D, 0)
