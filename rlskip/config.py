@@ -1,0 +1,157 @@
+"""The training configuration: a structured schema over Hydra's config groups.
+
+``configs/config.yaml`` and the groups ``env/``, ``backbone/``, ``agent/``, ``constraint/`` hold the values;
+the dataclasses below are the schema, so an unknown key or a wrong type fails before anything runs. Configs
+are composed with Hydra's Compose API (not ``@hydra.main``) so that every configuration error reaches the
+user as one line, and the run directory is ours to lay out (and to resume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class EnvConfig:
+    name: str = "synthetic"  # registered task: synthetic | xsum | cnn_dailymail | squad | glue
+    task: Optional[str] = None  # subset, for glue: sst2 | mrpc | rte
+    data_files: Optional[str] = None  # local JSON lines / JSON / CSV / Parquet with the hub's fields
+    split: str = "train"
+    eval_data_files: Optional[str] = None
+    eval_split: str = "validation"
+    limit: Optional[int] = None
+    metric: Optional[str] = None
+    max_source_tokens: int = 64
+    max_new_tokens: int = 40
+    num_beams: int = 1
+    budget_in_obs: bool = False
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WarmupConfig:
+    time_budget_s: float = 0.0
+    steps: Optional[int] = None
+    skip_prob: float = 0.25
+    lr: float = 2e-3
+    batch_size: int = 64
+
+
+@dataclass
+class BackboneConfig:
+    name_or_path: str = "synthetic-small"  # a hub id, a local folder, or synthetic-small (built here)
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    revision: Optional[str] = None
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+
+@dataclass
+class AgentConfig:
+    name: str = "reinforce"  # reinforce | ppo
+    n_envs: int = 32
+    iterations: int = 150
+    lr: float = 3e-3
+    hidden: int = 64
+    entropy_coef: float = 0.01
+    value_coef: float = 0.5
+    token_head: bool = False
+    n_steps: int = 4  # ppo only
+    n_epochs: int = 4  # ppo only
+    clip_range: float = 0.2  # ppo only
+
+
+@dataclass
+class ConstraintConfig:
+    name: str = "lexicographic"  # lexicographic | lagrangian | fixed | budget
+    max_quality_drop: float = 0.01
+    lam: float = 0.0
+    lr: float = 0.0
+    budget: float = 1.0
+
+
+@dataclass
+class GeneratorConfig:
+    mode: str = "frozen"  # frozen | joint
+    lr: float = 5e-5
+
+
+@dataclass
+class EvalConfig:
+    limit: int = 256
+    latency_instances: int = 64
+    latency_batch: int = 16
+    static_search_instances: int = 96
+    threshold: float = 0.5
+
+
+@dataclass
+class LogConfig:
+    every: int = 5
+    latency_every: int = 50
+    checkpoint_every: int = 50
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+    run_dir: Optional[str] = None
+    resume: Optional[str] = None
+    device: str = "cpu"
+
+
+CHOICES = {"generator.mode": ("frozen", "joint"), "agent.name": ("reinforce", "ppo")}
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose ``configs/`` with command-line overrides and validate against :class:`TrainConfig`.
+
+    Raises a ValueError of one line for any unknown key, unknown group option, bad value or bad syntax.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = str(resources.files("rlskip.configs"))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ValueError(f"bad configuration: {_one_line(e)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    for key, allowed in CHOICES.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise ValueError(f"bad configuration: {key}={OmegaConf.select(cfg, key)!r}, expected one of {list(allowed)}")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    """Hydra's multi-line messages, reduced to the line a user needs."""
+    text = str(e)
+    if text.startswith("Could not override") and e.__cause__ is not None:
+        key = text.split("'")[1]
+        return f"unknown config key '{key}' ({str(e.__cause__).splitlines()[0]})"
+    if "Available options in" in text:
+        head = text.splitlines()[0]
+        options = [ln.strip() for ln in text.split("Available options in", 1)[1].splitlines()[1:] if ln.startswith("\t")]
+        options = options[: next((i for i, o in enumerate(options) if o.startswith("provider=")), len(options))]
+        return f"{head}; available: {', '.join(options)}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
