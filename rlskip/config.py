@@ -85,7 +85,7 @@ class EvalConfig:
     latency_instances: int = 64
     latency_batch: int = 16
     static_search_instances: int = 96
-    threshold: float = 0.5
+    calibration_instances: int = 256  # training-distribution instances for the decision threshold
 
 
 @dataclass

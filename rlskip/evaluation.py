@@ -172,3 +172,34 @@ def latency_ratio(
         t_full.append(timed(full))
         t_src.append(timed(source))
     return statistics.median(t_src) / statistics.median(t_full)
+
+
+THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
+
+
+def calibrate_threshold(
+    rt: Runtime, task, tokenizer, examples: Sequence, policy, constraint, gen_kwargs: dict, max_source_tokens: int,
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> tuple[float, list[dict]]:
+    """The decision threshold at which the policy's deterministic plans satisfy the run's constraint.
+
+    Training optimises sampled plans; deployment uses ``keep where sigmoid(logit) >= threshold``. Lower
+    thresholds keep more. On calibration examples (training distribution, not the evaluation set) this
+    returns the cheapest threshold whose aggregate outcome satisfies ``constraint`` (quality drop within
+    ``max_quality_drop``); for a budget constraint, the most conservative one within the budget. If none
+    qualifies, the most conservative threshold. Returns ``(threshold, table)``.
+    """
+    import numpy as np
+
+    from rlskip.constraints import Budget
+
+    full = run_method(rt, task, tokenizer, examples, full_model(rt.space), gen_kwargs, max_source_tokens)
+    order = sorted(thresholds, reverse=not isinstance(constraint, Budget))  # search direction: see docstring
+    table = []
+    for t in order:
+        r = run_method(rt, task, tokenizer, examples, policy_plans(policy, rt.space, t), gen_kwargs, max_source_tokens)
+        ok = bool(constraint.satisfied(np.array([r.quality]), np.array([full.quality]), np.array([r.flops_ratio]))[0])
+        table.append({"threshold": t, "quality": r.quality, "quality_full": full.quality, "flops_ratio": r.flops_ratio, "satisfied": ok})
+        if ok:
+            return t, table
+    return min(thresholds), table

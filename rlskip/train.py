@@ -81,6 +81,20 @@ def build_task(cfg: DictConfig):
     return get_task(cfg.env.name, **kwargs)
 
 
+def load_data(cfg: DictConfig, task):
+    """Training and evaluation examples; a hub failure also names the backbone override when it needs the hub."""
+    try:
+        train_ex = task.load(split=cfg.env.split, data_files=cfg.env.data_files, limit=cfg.env.limit)
+        eval_files = cfg.env.eval_data_files or cfg.env.data_files
+        eval_ex = task.load(split=cfg.env.eval_split, data_files=eval_files, limit=cfg.eval.limit)
+    except ValueError as e:
+        name = cfg.backbone.name_or_path
+        if cfg.env.data_files is None and name != SYNTHETIC_SMALL and not Path(name).expanduser().is_dir():
+            raise ValueError(f"{e}; the backbone {name} comes from the hub too: set backbone.name_or_path=<local model folder>") from None
+        raise
+    return train_ex, eval_ex
+
+
 def gen_kwargs(cfg: DictConfig) -> dict:
     return {"max_new_tokens": int(cfg.env.max_new_tokens), "num_beams": int(cfg.env.num_beams)}
 
@@ -145,8 +159,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     task = build_task(cfg)
-    train_ex = task.load(split=cfg.env.split, data_files=cfg.env.data_files, limit=cfg.env.limit)
-    eval_ex = task.load(split=cfg.env.eval_split, data_files=cfg.env.eval_data_files or cfg.env.data_files, limit=cfg.eval.limit)
+    train_ex, eval_ex = load_data(cfg, task)
     tokenizer, model = build_backbone(cfg, task, run_dir, resuming, train_ex)
     rt = get_runtime(model)
 
@@ -155,7 +168,11 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
         gen_kwargs=gen_kwargs(cfg), budget_in_obs=cfg.env.budget_in_obs, seed=cfg.seed,
     )
     constraint = build_constraint(cfg.constraint)
-    logger = configure(str(run_dir / "tb"), ["tensorboard", "csv"])
+    tb = run_dir / "tb"
+    if resuming and (tb / "progress.csv").is_file():
+        # SB3 opens progress.csv for writing: keep the interrupted segment's rows under another name
+        (tb / "progress.csv").rename(tb / f"progress.{len(list(tb.glob('progress.*.csv')))}.csv")
+    logger = configure(str(tb), ["tensorboard", "csv"])
     if not resuming:
         record_text(logger, "config", OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -169,26 +186,33 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
     policy = learner.policy
     ref = backbone_reference(cfg, run_dir, model, rt)
     latency_ex = eval_ex[: cfg.eval.latency_instances]
-    best = -float("inf")
+    best, stats = -float("inf"), {}
     bar = tqdm(total=cfg.agent.iterations, initial=learner.iteration, desc="policy", disable=not cfg.log.progress)
     while learner.iteration < cfg.agent.iterations:
         it = learner.iteration + 1
         if it % cfg.log.latency_every == 0:
             logger.record("cost/latency_ratio", measured_latency(cfg, rt, task, tokenizer, latency_ex, policy))
-        stats = learner.train_iteration(log=it % cfg.log.every == 0, image=it % (cfg.log.every * 10) == 0)
+        final = it == cfg.agent.iterations
+        stats = learner.train_iteration(log=final or it % cfg.log.every == 0, image=final or it % (cfg.log.every * 10) == 0)
         bar.update(1)
         bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['cost']:.3f}")
         if it % cfg.log.checkpoint_every == 0 or it == cfg.agent.iterations:
+            if cfg.generator.mode == "joint":  # the checkpoint must point at the generator as tuned so far
+                save_generator(model, tokenizer, run_dir / "generator")
+                ref = backbone_reference(cfg, run_dir, model, rt)
             save_all(learner, policy, rt, ref, run_dir, it, stats)
             if stats["reward"] > best:
                 best = stats["reward"]
                 save_checkpoint(run_dir, policy, rt.space, ref, it, extra=stats, name="best")
     bar.close()
-    if cfg.generator.mode == "joint":
-        save_generator(model, tokenizer, run_dir / "generator")
 
-    summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy)
-    summary["run_dir"] = str(run_dir)
+    from rlskip.evaluation import calibrate_threshold
+
+    calib_ex = train_ex[-cfg.eval.calibration_instances :]
+    threshold, table = calibrate_threshold(rt, task, tokenizer, calib_ex, policy, constraint, gen_kwargs(cfg), cfg.env.max_source_tokens)
+    save_checkpoint(run_dir, policy, rt.space, ref, learner.iteration, extra={**stats, "threshold": threshold}, name="last")
+    summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold)
+    summary.update(run_dir=str(run_dir), threshold=threshold, calibration=table)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     logger.close()
     return summary
@@ -255,17 +279,17 @@ def save_all(learner, policy, rt, ref, run_dir: Path, step: int, stats: dict) ->
 def measured_latency(cfg, rt, task, tokenizer, examples, policy) -> float:
     from rlskip.evaluation import latency_ratio, policy_plans
 
-    src = policy_plans(policy, rt.space, cfg.eval.threshold)
+    src = policy_plans(policy, rt.space, 0.5)
     return latency_ratio(rt, task, tokenizer, examples, src, gen_kwargs(cfg), cfg.env.max_source_tokens, cfg.eval.latency_batch, repeats=1)
 
 
-def final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy) -> dict:
+def final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold: float) -> dict:
     """Full model vs policy on held-out data, the best static plan of equal FLOPs, measured latency."""
     from rlskip.evaluation import full_model, greedy_static_search, latency_ratio, policy_plans, run_method, static_plan
 
     g, msl = gen_kwargs(cfg), cfg.env.max_source_tokens
     full = run_method(rt, task, tokenizer, eval_ex, full_model(rt.space), g, msl)
-    pol_src = policy_plans(policy, rt.space, cfg.eval.threshold)
+    pol_src = policy_plans(policy, rt.space, threshold)
     pol = run_method(rt, task, tokenizer, eval_ex, pol_src, g, msl)
     search_ex = train_ex[: cfg.eval.static_search_instances]
     path = greedy_static_search(rt, task, tokenizer, search_ex, g, msl, min_flops_ratio=pol.flops_ratio)

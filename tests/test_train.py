@@ -1,0 +1,157 @@
+"""``python -m rlskip.train`` end to end on tiny setups: outputs, TensorBoard keys, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlskip.train import main
+
+from conftest import DATA_DIR, TOKENIZER_DIR, tiny_bart_config
+
+TINY = [
+    "backbone.warmup.steps=20", "backbone.warmup.time_budget_s=0", "agent.iterations=4", "agent.n_envs=8",
+    "+env.task_kwargs.n_train=200", "+env.task_kwargs.n_eval=40", "env.max_new_tokens=30",
+    "eval.limit=16", "eval.static_search_instances=8", "eval.latency_instances=8", "eval.latency_batch=4",
+    "log.every=1", "log.latency_every=2", "log.checkpoint_every=2", "log.progress=false",
+]
+
+
+def _rows(run_dir: Path, name: str = "progress.csv") -> list[dict]:
+    with open(run_dir / "tb" / name) as f:
+        return list(csv.DictReader(f))
+
+
+def _error_line(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
+    run = tmp_path / "run"
+    assert main(TINY + [f"run_dir={run}"]) == 0
+    for name in ("config.yaml", "skip_space.json", "last.json", "best.json", "trainer_state.pt", "summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "generator" / "config.json").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("quality_full", "quality", "flops_ratio", "latency_ratio", "static_quality_at_equal_flops"):
+        assert isinstance(summary[key], float), key
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    scalars = set(ea.Tags()["scalars"])
+    expected = {
+        "reward/mean", "quality/policy", "quality/full", "cost/flops_ratio", "cost/latency_ratio", "constraint/lambda",
+        "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/value_loss", "train/entropy",
+        "skip_rate/dec.0.ffn", "skip_rate/enc.1.attn",
+    }
+    assert expected <= scalars, expected - scalars
+    assert "skip_rate/heatmap" in ea.Tags()["images"]
+    assert any("config" in t for t in ea.Tags()["tensors"])  # the resolved config as text
+
+
+def test_resume_continues_as_if_never_stopped(tmp_path, monkeypatch):
+    from rlskip.agents.reinforce import Reinforce
+
+    straight = tmp_path / "straight"
+    assert main(TINY + [f"run_dir={straight}"]) == 0
+
+    stopped = tmp_path / "stopped"
+    original = Reinforce.train_iteration
+
+    def crash_after_two(self, *a, **k):
+        if self.iteration == 3:  # iteration 3 ran (and logged) but its checkpoint was never written
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Reinforce, "train_iteration", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(TINY + [f"run_dir={stopped}"])
+    monkeypatch.setattr(Reinforce, "train_iteration", original)
+    assert main([f"resume={stopped}"]) == 0
+
+    keys = ["reward/mean", "quality/policy", "cost/flops_ratio", "train/policy_loss"]
+    want = _rows(straight)
+    got_first, got_rest = _rows(stopped, "progress.0.csv"), _rows(stopped)
+    assert len(want) == 4 and len(got_rest) == 2  # iterations 3 and 4, resumed from the checkpoint of iteration 2
+    for a, b in zip(want, got_first[:2] + got_rest):
+        for k in keys:
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6, abs=1e-9), k
+    s1 = json.loads((straight / "summary.json").read_text())
+    s2 = json.loads((stopped / "summary.json").read_text())
+    assert s1["quality"] == s2["quality"] and s1["flops_ratio"] == pytest.approx(s2["flops_ratio"])
+
+
+def test_ppo_run_keeps_a_zip_that_ppo_load_opens(tmp_path):
+    from stable_baselines3 import PPO
+
+    run = tmp_path / "ppo"
+    assert main(TINY + ["agent=ppo", "agent.n_steps=2", "agent.n_epochs=2", f"run_dir={run}"]) == 0
+    from rlskip.checkpoint import load_policy
+    from rlskip.space import SkipSpace
+
+    model = PPO.load(run / "ppo.zip", device="cpu")
+    assert model.policy.skip_policy.n_bits == SkipSpace.load(run / "skip_space.json").n_bits
+    # the policy checkpoint holds the same weights as SB3's zip
+    native = load_policy(run)
+    for k, v in native.state_dict().items():
+        assert torch.equal(v, model.policy.skip_policy.state_dict()[k]), k
+
+
+def test_joint_mode_tunes_and_saves_the_generator(tmp_path):
+    from rlskip.checkpoint import backbone_hash
+    from transformers import BartForConditionalGeneration
+
+    run = tmp_path / "joint"
+    assert main(TINY + ["generator.mode=joint", "generator.lr=1e-3", "constraint=lagrangian", f"run_dir={run}"]) == 0
+    ref = json.loads((run / "last.json").read_text())["backbone"]
+    tuned = BartForConditionalGeneration.from_pretrained(run / "generator")
+    assert backbone_hash(tuned) == ref["content_hash"]
+
+
+def test_xsum_runs_a_few_steps_on_local_files(tmp_path, bart_tokenizer):
+    data = DATA_DIR / "xsum" / "test_1000.jsonl"
+    if not data.is_file():
+        pytest.skip(f"XSum slice not found at {data}")
+    from transformers import BartForConditionalGeneration
+
+    folder = tmp_path / "tiny-bart"
+    torch.manual_seed(0)
+    BartForConditionalGeneration(tiny_bart_config(len(bart_tokenizer), max_position_embeddings=512)).save_pretrained(folder)
+    bart_tokenizer.save_pretrained(folder)
+    run = tmp_path / "xsum"
+    args = [
+        "env=xsum", f"env.data_files={data}", f"backbone.name_or_path={folder}", "env.limit=32", "env.max_source_tokens=128",
+        "env.max_new_tokens=8", "agent.iterations=2", "agent.n_envs=4", "eval.limit=8", "eval.static_search_instances=4",
+        "eval.latency_instances=4", "eval.latency_batch=4", "log.every=1", "log.latency_every=100", "log.checkpoint_every=1",
+        "log.progress=false", f"run_dir={run}",
+    ]
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metric"].startswith("rouge") and 0.0 <= summary["quality"] <= 1.0
+
+
+def test_bad_inputs_fail_in_one_line_and_keep_existing_runs(tmp_path, capsys, monkeypatch):
+    assert main(["foo=1"]) == 2
+    assert "unknown config key 'foo'" in _error_line(capsys)
+    assert main(["env=xsum", "env.data_files=/nope/missing.jsonl", "backbone=synthetic_small", f"run_dir={tmp_path / 'a'}"]) == 2
+    assert "/nope/missing.jsonl" in _error_line(capsys)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["env=xsum", f"run_dir={tmp_path / 'b'}"]) == 2
+    line = _error_line(capsys)
+    assert "env.data_files" in line and "backbone.name_or_path" in line
+    assert main([f"resume={tmp_path / 'nope'}"]) == 2
+    assert "run directory not found" in _error_line(capsys)
+    # a run directory that already holds a run is never overwritten
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "summary.json").write_text("{}")
+    assert main(TINY + [f"run_dir={keep}"]) == 2
+    assert "not empty" in _error_line(capsys)
+    assert (keep / "summary.json").read_text() == "{}"
