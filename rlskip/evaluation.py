@@ -179,7 +179,7 @@ THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
 
 def calibrate_threshold(
     rt: Runtime, task, tokenizer, examples: Sequence, policy, constraint, gen_kwargs: dict, max_source_tokens: int,
-    thresholds: Sequence[float] = THRESHOLDS,
+    thresholds: Sequence[float] = THRESHOLDS, budget: float | None = None,
 ) -> tuple[float, list[dict]]:
     """The decision threshold at which the policy's deterministic plans satisfy the run's constraint.
 
@@ -187,7 +187,8 @@ def calibrate_threshold(
     thresholds keep more. On calibration examples (training distribution, not the evaluation set) this
     returns the cheapest threshold whose aggregate outcome satisfies ``constraint`` (quality drop within
     ``max_quality_drop``); for a budget constraint, the most conservative one within the budget. If none
-    qualifies, the most conservative threshold. Returns ``(threshold, table)``.
+    qualifies, the most conservative threshold. A budget-conditioned policy is calibrated at ``budget``.
+    Returns ``(threshold, table)``.
     """
     import numpy as np
 
@@ -197,7 +198,7 @@ def calibrate_threshold(
     order = sorted(thresholds, reverse=not isinstance(constraint, Budget))  # search direction: see docstring
     table = []
     for t in order:
-        r = run_method(rt, task, tokenizer, examples, policy_plans(policy, rt.space, t), gen_kwargs, max_source_tokens)
+        r = run_method(rt, task, tokenizer, examples, policy_plans(policy, rt.space, t, budget), gen_kwargs, max_source_tokens)
         ok = bool(constraint.satisfied(np.array([r.quality]), np.array([full.quality]), np.array([r.flops_ratio]))[0])
         table.append({"threshold": t, "quality": r.quality, "quality_full": full.quality, "flops_ratio": r.flops_ratio, "satisfied": ok})
         if ok:

@@ -209,7 +209,9 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
     from rlskip.evaluation import calibrate_threshold
 
     calib_ex = train_ex[-cfg.eval.calibration_instances :]
-    threshold, table = calibrate_threshold(rt, task, tokenizer, calib_ex, policy, constraint, gen_kwargs(cfg), cfg.env.max_source_tokens)
+    threshold, table = calibrate_threshold(
+        rt, task, tokenizer, calib_ex, policy, constraint, gen_kwargs(cfg), cfg.env.max_source_tokens, budget=eval_budget(cfg)
+    )
     save_checkpoint(run_dir, policy, rt.space, ref, learner.iteration, extra={**stats, "threshold": threshold}, name="last")
     summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold)
     summary.update(run_dir=str(run_dir), threshold=threshold, calibration=table)
@@ -276,10 +278,15 @@ def save_all(learner, policy, rt, ref, run_dir: Path, step: int, stats: dict) ->
     save_checkpoint(run_dir, policy, rt.space, ref, step, extra=stats, name="last")
 
 
+def eval_budget(cfg: DictConfig) -> float | None:
+    """The budget a budget-conditioned policy is evaluated at during training: the run's constraint budget."""
+    return float(cfg.constraint.budget) if cfg.env.budget_in_obs else None
+
+
 def measured_latency(cfg, rt, task, tokenizer, examples, policy) -> float:
     from rlskip.evaluation import latency_ratio, policy_plans
 
-    src = policy_plans(policy, rt.space, 0.5)
+    src = policy_plans(policy, rt.space, 0.5, budget=eval_budget(cfg))
     return latency_ratio(rt, task, tokenizer, examples, src, gen_kwargs(cfg), cfg.env.max_source_tokens, cfg.eval.latency_batch, repeats=1)
 
 
@@ -289,12 +296,15 @@ def final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, thresh
 
     g, msl = gen_kwargs(cfg), cfg.env.max_source_tokens
     full = run_method(rt, task, tokenizer, eval_ex, full_model(rt.space), g, msl)
-    pol_src = policy_plans(policy, rt.space, threshold)
+    pol_src = policy_plans(policy, rt.space, threshold, budget=eval_budget(cfg))
     pol = run_method(rt, task, tokenizer, eval_ex, pol_src, g, msl)
     search_ex = train_ex[: cfg.eval.static_search_instances]
     path = greedy_static_search(rt, task, tokenizer, search_ex, g, msl, min_flops_ratio=pol.flops_ratio)
-    equal = next((p for p in path if p["flops_ratio"] <= pol.flops_ratio), path[-1])
+    # the greedy path steps over the policy's FLOPs: report the static plans on both sides of it
+    i = next((k for k, p in enumerate(path) if p["flops_ratio"] <= pol.flops_ratio), len(path) - 1)
+    equal, above = path[i], path[max(i - 1, 0)]
     static = run_method(rt, task, tokenizer, eval_ex, static_plan(rt.space, equal["bits"]), g, msl)
+    static_above = run_method(rt, task, tokenizer, eval_ex, static_plan(rt.space, above["bits"]), g, msl)
     lat_ex = eval_ex[: cfg.eval.latency_instances]
     lat_batched = latency_ratio(rt, task, tokenizer, lat_ex, pol_src, g, msl, cfg.eval.latency_batch)
     lat_b1 = latency_ratio(rt, task, tokenizer, lat_ex[: max(8, cfg.eval.latency_instances // 4)], pol_src, g, msl, 1)
@@ -303,6 +313,7 @@ def final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, thresh
         "quality_full": full.quality, "quality": pol.quality, "flops_ratio": pol.flops_ratio,
         "latency_ratio": lat_batched, "latency_ratio_b1": lat_b1,
         "static_quality_at_equal_flops": static.quality, "static_flops_ratio": static.flops_ratio,
+        "static_quality_next_above": static_above.quality, "static_flops_ratio_next_above": static_above.flops_ratio,
         "static_skipped": [rt.space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()],
         "quality_by_group": {"full": full.by_group, "policy": pol.by_group, "static": static.by_group},
     }

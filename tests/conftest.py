@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine torch's OpenMP workers
+# spin against other processes (runs 5-25x slower were measured); one thread keeps the suite's time stable.
+torch.set_num_threads(1)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER_DIR = SHARED / "models" / "bart-tokenizer"
 DATA_DIR = SHARED / "data"

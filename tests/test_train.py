@@ -155,3 +155,10 @@ def test_bad_inputs_fail_in_one_line_and_keep_existing_runs(tmp_path, capsys, mo
     assert main(TINY + [f"run_dir={keep}"]) == 2
     assert "not empty" in _error_line(capsys)
     assert (keep / "summary.json").read_text() == "{}"
+
+
+def test_budget_conditioned_policy_trains_and_evaluates(tmp_path):
+    run = tmp_path / "budget"
+    assert main(TINY + ["env.budget_in_obs=true", "constraint=budget", "constraint.budget=0.7", f"run_dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["calibration"] and 0.0 < summary["threshold"] < 1.0

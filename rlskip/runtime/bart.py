@@ -332,6 +332,48 @@ class BartRuntime(Runtime):
         ffixed, fper = encoder_decoder_flops(self.dims, self.space, full_len, full_len, n, beams, teacher_forced)
         return plan_flops(fixed, per, plan.bits), ffixed + fper.sum(1)
 
+    # ------------------------------------------------------------------------------------------------
+    # CALM-style confident early exit: a baseline for python -m rlskip.evaluate
+    def generate_early_exit(self, obs: Observation, threshold: float, **gen_kwargs) -> GenerateOutput:
+        """Greedy decoding with CALM-style early exit per token (Schuster et al., 2022), full encoder, no plan.
+
+        After each decoder layer but the last, the LM head reads the token's intermediate hidden state; when the
+        softmax's top-1 minus top-2 probability reaches ``threshold``, that token skips its remaining decoder layers
+        and is predicted from those logits. The exited state is copied forward (CALM's state propagation): each
+        skipped layer's self-attention keys/values for that position are projected from it, so later tokens that
+        run the layer attend over every position. ``threshold > 1`` never exits and gives the full model's tokens.
+
+        FLOPs are counted honestly per token: every decoder layer run, every LM-head evaluation (intermediate ones
+        included, so never exiting costs more than the full model) and the key/value projections of the skipped
+        layers; the encoder and the cross-attention memory projections of every layer are the full model's.
+        ``full_flops`` is the full model's count at the same lengths.
+        """
+        if self.is_classifier:
+            raise ValueError("early exit applies to generation: this runtime wraps a sequence classifier")
+        s = resolve_settings(self.model.generation_config, **gen_kwargs)
+        if s.num_beams != 1:
+            raise ValueError(f"early exit decodes greedily (num_beams=1), got num_beams={s.num_beams}")
+        ones = Plan.all_ones(self.space, obs.batch_size)
+        with torch.no_grad():
+            memory, mem_mask = self._encode(obs, ones)
+            dec = _EarlyExitDecoder(self, memory, mem_mask, float(threshold), s.max_length)
+            seqs, steps = greedy_search(dec, obs.batch_size, s, obs.hidden.device)
+        d, f, vocab, n_layers = self.dims.d_model, self.dims.dec_ffn, self.dims.vocab, self.dims.decoder_layers
+        full_fixed, full_per = self._flops_table(obs, obs.lengths, steps, 1)
+        full = full_fixed + full_per.sum(1)
+        # the encoder and the cross-attention memory projections: everything of the full model but decoder steps
+        enc_cols = [j for j, c in enumerate(self.space.skippable) if c.kind in ("enc_attn", "enc_ffn")]
+        n = steps.cpu().to(torch.float64)
+        sk = obs.lengths.cpu().to(torch.float64)
+        fixed = full_fixed - n * 2 * d * vocab + full_per[:, enc_cols].sum(1) + n_layers * 4 * sk * d * d
+        t_len = dec.layers_run.shape[1]
+        t = torch.arange(t_len, dtype=torch.float64)
+        valid = (t[None, :] < n[:, None]).to(torch.float64)
+        run = dec.layers_run.cpu().to(torch.float64) * valid
+        layer_cost = 12 * d * d + 4 * (t[None, :] + 1) * d + 4 * sk[:, None] * d + 4 * d * f  # one layer at step t
+        per_step = run * (layer_cost + 2 * d * vocab) + (n_layers * valid - run) * 4 * d * d
+        return GenerateOutput(seqs, steps, fixed + per_step.sum(1), full, obs.lengths)
+
 
 class _CachedDecoder:
     """Incremental decoder for :mod:`rlskip.runtime.search`: one position per call, per-row KV caches.
@@ -414,3 +456,79 @@ class _CachedDecoder:
             local = beam_idx if rows is None else pos[beam_idx[rows]]
             for cache in (self.self_k[i], self.self_v[i]):
                 cache[:, :, :t] = cache[local, :, :t]
+
+
+class _EarlyExitDecoder:
+    """Incremental decoder for :func:`rlskip.runtime.search.greedy_search` whose tokens exit early.
+
+    ``layers_run[row, t]`` counts the decoder layers position ``t`` of ``row`` ran (which equals its LM-head
+    evaluations: one after each layer run but the last, plus the final one).
+    """
+
+    def __init__(self, rt: BartRuntime, memory, mem_mask, threshold: float, max_len: int) -> None:
+        self.rt, self.threshold, self.t = rt, threshold, 0
+        rows, nh, d = memory.shape[0], rt.n_heads_dec, rt.dims.d_model
+        self.self_k = [memory.new_empty((rows, nh, max_len, d // nh)) for _ in rt.decoder.layers]
+        self.self_v = [memory.new_empty((rows, nh, max_len, d // nh)) for _ in rt.decoder.layers]
+        self.cross_kv = []
+        key_mask = BartRuntime._key_mask(mem_mask)
+        for layer in rt.decoder.layers:
+            att = layer.encoder_attn
+            k = _heads(F.linear(memory, att.k_proj.weight, att.k_proj.bias), nh)
+            v = _heads(F.linear(memory, att.v_proj.weight, att.v_proj.bias), nh)
+            self.cross_kv.append((k, v, key_mask))
+        self.layers_run = torch.zeros(rows, max_len, dtype=torch.long, device=memory.device)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        rt, t, nh = self.rt, self.t, self.rt.n_heads_dec
+        h = rt._dec_embed(tokens[:, None], t)
+        active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        logits = h.new_empty(h.shape[0], rt.dims.vocab)
+        last = len(rt.decoder.layers) - 1
+        for i, layer in enumerate(rt.decoder.layers):
+            ck, cv, att = self.self_k[i], self.self_v[i], layer.self_attn
+            idx = None if bool(active.all()) else active.nonzero().flatten()
+            if idx is not None:
+                done = (~active).nonzero().flatten()  # exited rows: keys/values from the copied-forward state
+                x = h[done]
+                ck[done, :, t] = _heads(F.linear(x, att.k_proj.weight, att.k_proj.bias), nh)[:, :, 0]
+                cv[done, :, t] = _heads(F.linear(x, att.v_proj.weight, att.v_proj.bias), nh)[:, :, 0]
+                if idx.numel() == 0:
+                    continue
+            x = h if idx is None else h[idx]
+            q = _heads(F.linear(x, att.q_proj.weight, att.q_proj.bias), nh)
+            k = _heads(F.linear(x, att.k_proj.weight, att.k_proj.bias), nh)[:, :, 0]
+            v = _heads(F.linear(x, att.v_proj.weight, att.v_proj.bias), nh)[:, :, 0]
+            if idx is None:
+                ck[:, :, t], cv[:, :, t] = k, v
+                keys, values = ck[:, :, : t + 1], cv[:, :, : t + 1]
+            else:
+                ck[idx, :, t], cv[idx, :, t] = k, v
+                keys, values = ck[idx, :, : t + 1], cv[idx, :, : t + 1]
+            o = F.scaled_dot_product_attention(q, keys, values, scale=att.scaling)
+            x = layer.self_attn_layer_norm(x + F.linear(_merge(o), att.out_proj.weight, att.out_proj.bias))
+            ca = layer.encoder_attn
+            mk, mv, mm = self.cross_kv[i]
+            if idx is not None:
+                mk, mv, mm = mk[idx], mv[idx], (None if mm is None else mm[idx])
+            q = _heads(F.linear(x, ca.q_proj.weight, ca.q_proj.bias), nh)
+            o = F.scaled_dot_product_attention(q, mk, mv, attn_mask=mm, scale=ca.scaling)
+            x = layer.encoder_attn_layer_norm(x + F.linear(_merge(o), ca.out_proj.weight, ca.out_proj.bias))
+            x = rt._ffn(layer, x)
+            rows = torch.arange(h.shape[0], device=h.device) if idx is None else idx
+            if idx is None:
+                h = x
+            else:
+                h[idx] = x
+            self.layers_run[rows, t] += 1
+            lg = rt._lm_logits(x[:, 0])
+            if i == last:
+                logits[rows] = lg
+                break
+            top2 = torch.softmax(lg.float(), dim=-1).topk(2, dim=-1).values
+            exit_now = (top2[:, 0] - top2[:, 1]) >= self.threshold
+            if bool(exit_now.any()):
+                logits[rows[exit_now]] = lg[exit_now]
+                active[rows[exit_now]] = False
+        self.t += 1
+        return logits
