@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from rlskip.agents.warmup import _encode, _pad
+from rlskip.agents.warmup import encode_pairs, pad_rows
 from rlskip.plan import Plan
 
 
@@ -34,10 +34,10 @@ class GeneratorTuner:
     def step(self, indices: Sequence[int], bits: torch.Tensor, token_keep: torch.Tensor | None) -> float:
         model = self.rt.model
         batch = [self.examples[i] for i in indices]
-        sources, targets = _encode(self.tokenizer, batch)
+        sources, targets = encode_pairs(self.tokenizer, batch)
         sources = [s[: self.max_source_tokens] for s in sources]
-        ids = _pad(sources, self.tokenizer.pad_token_id)
-        labels = _pad(targets, -100)
+        ids = pad_rows(sources, self.tokenizer.pad_token_id)
+        labels = pad_rows(targets, -100)
         mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(s) for s in sources])[:, None]
         tk = None if token_keep is None or not self.rt.space.token_dropping else token_keep[:, : ids.shape[1]].bool()
         model.train()
@@ -50,4 +50,4 @@ class GeneratorTuner:
             self.optimizer.step()
         finally:
             model.eval()
-        return float(loss)
+        return float(loss.detach())

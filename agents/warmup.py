@@ -38,7 +38,8 @@ class WarmupStats:
     losses: list[float] = field(default_factory=list)
 
 
-def _encode(tokenizer, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+def encode_pairs(tokenizer, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+    """Source and first-target token ids of generation examples (special tokens included)."""
     if not examples:
         raise ValueError("train_generator needs at least one example")
     if any(not ex.targets for ex in examples):
@@ -48,7 +49,8 @@ def _encode(tokenizer, examples: list[Example]) -> tuple[list[list[int]], list[l
     return src, tgt
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad token-id rows with ``value`` into a long tensor."""
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
@@ -101,7 +103,7 @@ def train_generator(
         raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}")
     if not 0.0 <= skip_prob < 1.0:
         raise ValueError(f"skip_prob must be in [0, 1), got {skip_prob}")
-    src, tgt = _encode(tokenizer, examples)
+    src, tgt = encode_pairs(tokenizer, examples)
     pad = tokenizer.pad_token_id
     rt = get_runtime(model)
     gen = torch.Generator().manual_seed(seed)
@@ -126,8 +128,8 @@ def train_generator(
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.0)
             idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
-            input_ids = _pad([src[i] for i in idx], pad)
-            labels = _pad([tgt[i] for i in idx], -100)
+            input_ids = pad_rows([src[i] for i in idx], pad)
+            labels = pad_rows([tgt[i] for i in idx], -100)
             obs = rt.observe(input_ids, input_ids != pad)
             plan = random_plan(rt.space, batch_size, skip_prob, gen)
             _, loss = rt.forward(obs, plan, labels=labels)

@@ -96,6 +96,12 @@ def _check_drop(max_quality_drop: float) -> float:
     return eps
 
 
+def _within_drop(quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike, max_quality_drop: float) -> np.ndarray:
+    """The quality constraint shared by the quality-first handlers: ``quality_full - quality <= max_quality_drop``."""
+    q, qf, _ = _arrays(quality, quality_full, cost)
+    return qf - q <= max_quality_drop
+
+
 class Constraint(ABC):
     """A constraint handler: reward, feasibility test, logged multiplier, optional per-batch update."""
 
@@ -200,8 +206,7 @@ class Lexicographic(_TracksViolation):
         self.max_quality_drop = _check_drop(max_quality_drop)
 
     def satisfied(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
-        q, qf, _ = _arrays(quality, quality_full, cost)
-        return qf - q <= self.max_quality_drop
+        return _within_drop(quality, quality_full, cost, self.max_quality_drop)
 
     def reward(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
         q, qf, c = _arrays(quality, quality_full, cost)
@@ -251,8 +256,7 @@ class Lagrangian(Constraint):
         return self._lam
 
     def satisfied(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
-        q, qf, _ = _arrays(quality, quality_full, cost)
-        return qf - q <= self.max_quality_drop
+        return _within_drop(quality, quality_full, cost, self.max_quality_drop)
 
     def reward(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
         q, qf, c = _arrays(quality, quality_full, cost)
@@ -297,8 +301,7 @@ class Fixed(Constraint):
         return self._lam
 
     def satisfied(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
-        q, qf, _ = _arrays(quality, quality_full, cost)
-        return qf - q <= self.max_quality_drop
+        return _within_drop(quality, quality_full, cost, self.max_quality_drop)
 
     def reward(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
         q, _, c = _arrays(quality, quality_full, cost)
