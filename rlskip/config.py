@@ -53,7 +53,7 @@ class BackboneConfig:
 class AgentConfig:
     name: str = "reinforce"  # reinforce | ppo
     n_envs: int = 32
-    iterations: int = 400
+    iterations: int = 600
     lr: float = 3e-3
     hidden: int = 64
     entropy_coef: float = 0.01

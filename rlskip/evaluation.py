@@ -174,7 +174,7 @@ def latency_ratio(
     return statistics.median(t_src) / statistics.median(t_full)
 
 
-THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
+THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 
 
 def calibrate_threshold(
