@@ -53,12 +53,13 @@ class BackboneConfig:
 class AgentConfig:
     name: str = "reinforce"  # reinforce | ppo
     n_envs: int = 32
-    iterations: int = 600
+    iterations: int = 1500
     lr: float = 3e-3
     hidden: int = 64
     entropy_coef: float = 0.01
     value_coef: float = 0.5
     token_head: bool = False
+    length_input: bool = True  # the policy also reads log(1 + source length)
     n_steps: int = 4  # ppo only
     n_epochs: int = 4  # ppo only
     clip_range: float = 0.2  # ppo only
@@ -71,6 +72,7 @@ class ConstraintConfig:
     lam: float = 0.0
     lr: float = 0.0
     budget: float = 1.0
+    penalty: float = 50.0  # lexicographic: scale of the violating rewards
 
 
 @dataclass
@@ -81,11 +83,12 @@ class GeneratorConfig:
 
 @dataclass
 class EvalConfig:
-    limit: int = 256
+    limit: int = 500
     latency_instances: int = 64
     latency_batch: int = 16
     static_search_instances: int = 96
-    calibration_instances: int = 256  # training-distribution instances for the decision threshold
+    calibration_instances: int = 1024  # held out of training (at most a quarter of it) to pick the decision threshold
+    calibration_confidence: float = 0.9  # the quality drop is checked at this one-sided upper confidence bound
 
 
 @dataclass
@@ -138,6 +141,8 @@ def compose(overrides: list[str]) -> DictConfig:
     for key, allowed in CHOICES.items():
         if OmegaConf.select(cfg, key) not in allowed:
             raise ValueError(f"bad configuration: {key}={OmegaConf.select(cfg, key)!r}, expected one of {list(allowed)}")
+    if not 0.5 <= cfg.eval.calibration_confidence < 1.0:
+        raise ValueError(f"bad configuration: eval.calibration_confidence={cfg.eval.calibration_confidence}, expected a value in [0.5, 1)")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -57,7 +57,10 @@ def load_resumed_config(run_dir: str, overrides: list[str]) -> tuple[DictConfig,
         raise FileNotFoundError(f"not a run directory (no config.yaml): {path}")
     if overrides:
         raise ValueError(f"resume={run_dir} continues a run with its saved config; drop the other overrides {overrides}")
-    cfg = OmegaConf.load(path / "config.yaml")
+    from rlskip.config import TrainConfig
+
+    # merged onto the schema, so a run saved before a config key existed resumes with that key's default
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path / "config.yaml"))
     return cfg, path
 
 
@@ -93,6 +96,24 @@ def load_data(cfg: DictConfig, task):
             raise ValueError(f"{e}; the backbone {name} comes from the hub too: set backbone.name_or_path=<local model folder>") from None
         raise
     return train_ex, eval_ex
+
+
+def split_calibration(cfg: DictConfig, train_ex: list) -> tuple[list, list]:
+    """Hold the last ``eval.calibration_instances`` training examples (at most a quarter) out of training.
+
+    The decision threshold is calibrated on them: instances the generator warm-up and the policy never saw,
+    so the calibrated quality drop is what new data will see (a generator trained for many epochs knows its
+    training instances better), and the evaluation set stays untouched.
+    """
+    n = min(int(cfg.eval.calibration_instances), len(train_ex) // 4)
+    if n < 1:
+        raise ValueError(
+            f"calibration needs held-out training instances: eval.calibration_instances={cfg.eval.calibration_instances} "
+            f"with {len(train_ex)} training examples"
+        )
+    if n < cfg.eval.calibration_instances:
+        log.info("calibration: %d of %d training examples held out (at most a quarter)", n, len(train_ex))
+    return train_ex[:-n], train_ex[-n:]
 
 
 def gen_kwargs(cfg: DictConfig) -> dict:
@@ -160,7 +181,10 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
 
     task = build_task(cfg)
     train_ex, eval_ex = load_data(cfg, task)
+    train_ex, calib_ex = split_calibration(cfg, train_ex)
+    seconds, t0 = {}, time.perf_counter()
     tokenizer, model = build_backbone(cfg, task, run_dir, resuming, train_ex)
+    seconds["backbone"] = time.perf_counter() - t0
     rt = get_runtime(model)
 
     env = SkipVecEnv(
@@ -205,16 +229,19 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
                 best = stats["reward"]
                 save_checkpoint(run_dir, policy, rt.space, ref, it, extra=stats, name="best")
     bar.close()
+    seconds["policy"] = time.perf_counter() - t0 - seconds["backbone"]
 
     from rlskip.evaluation import calibrate_threshold
 
-    calib_ex = train_ex[-cfg.eval.calibration_instances :]
     threshold, table = calibrate_threshold(
-        rt, task, tokenizer, calib_ex, policy, constraint, gen_kwargs(cfg), cfg.env.max_source_tokens, budget=eval_budget(cfg)
+        rt, task, tokenizer, calib_ex, policy, constraint, gen_kwargs(cfg), cfg.env.max_source_tokens,
+        budget=eval_budget(cfg), confidence=cfg.eval.calibration_confidence,
     )
     save_checkpoint(run_dir, policy, rt.space, ref, learner.iteration, extra={**stats, "threshold": threshold}, name="last")
+    seconds["calibration"] = time.perf_counter() - t0 - seconds["backbone"] - seconds["policy"]
     summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold)
-    summary.update(run_dir=str(run_dir), threshold=threshold, calibration=table)
+    seconds["evaluation"] = time.perf_counter() - t0 - sum(seconds.values())
+    summary.update(run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), seconds=seconds)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     logger.close()
     return summary
@@ -225,7 +252,7 @@ def build_constraint(c: DictConfig):
 
 
     kwargs = {
-        "lexicographic": dict(max_quality_drop=c.max_quality_drop),
+        "lexicographic": dict(max_quality_drop=c.max_quality_drop, penalty=c.penalty),
         "lagrangian": dict(max_quality_drop=c.max_quality_drop, lam_init=c.lam, lr=c.lr),
         "fixed": dict(lam=c.lam, max_quality_drop=c.max_quality_drop),
         "budget": dict(budget=c.budget),
@@ -259,7 +286,7 @@ def make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, run_dir)
     a = cfg.agent
     policy = SkipPolicy(
         rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
-        budget_input=cfg.env.budget_in_obs,
+        budget_input=cfg.env.budget_in_obs, length_input=a.length_input,
     )
     return Reinforce(env, policy, constraint, logger, ReinforceConfig(a.lr, a.entropy_coef, a.value_coef), generator_step)
 
