@@ -25,21 +25,35 @@ def test_registry_and_factory():
 
 
 def test_lexicographic_reward_values():
-    c = Lexicographic(max_quality_drop=0.1)
     q = np.array([0.9, 0.85, 0.5, 0.95])
     qf = np.array([0.9, 0.9, 0.9, 0.9])
     cost = np.array([0.4, 0.7, 0.1, 1.0])
+    c = Lexicographic(max_quality_drop=0.1, penalty=1.0)
     np.testing.assert_allclose(c.reward(q, qf, cost), [1.6, 1.3, -0.3, 1.0])
     np.testing.assert_array_equal(c.satisfied(q, qf, cost), [True, True, False, True])
     assert c.reward(q, qf, cost).dtype == np.float64
+    # the default penalty scales only the violating rewards
+    assert Lexicographic().penalty == 50.0
+    np.testing.assert_allclose(Lexicographic(max_quality_drop=0.1).reward(q, qf, cost), [1.6, 1.3, -15.0, 1.0])
+
+
+def test_lexicographic_penalty_sets_the_price_of_violations_in_expectation():
+    """A policy choosing between 'safe' (cost 0.8, never wrong) and 'greedy' (cost 0.4, wrong 2% of the time,
+    exact-match quality): the greedy one has the higher expected reward at penalty 1, not at 50."""
+    def expected(c, cost, wrong):
+        return (1 - wrong) * c.reward([1.0], [1.0], [cost])[0] + wrong * c.reward([0.0], [1.0], [cost])[0]
+
+    for penalty, greedy_wins in ((1.0, True), (50.0, False)):
+        c = Lexicographic(max_quality_drop=0.01, penalty=penalty)
+        assert bool(expected(c, 0.4, 0.02) > expected(c, 0.8, 0.0)) == greedy_wins
 
 
 def test_lexicographic_ordering_exhaustive_on_a_grid():
     """Over every pair of outcomes on a grid: satisfying beats violating, then cost, then quality decides."""
     grid = np.linspace(0.0, 1.0, 11)
     costs = np.linspace(0.0, 1.2, 13)  # a ratio slightly above 1 happens: the policy's own cost on top
-    for eps in (0.0, 0.05, 0.3):
-        c = Lexicographic(max_quality_drop=eps)
+    for eps, penalty in ((0.0, 1.0), (0.05, 50.0), (0.3, 1.0), (0.3, 50.0)):
+        c = Lexicographic(max_quality_drop=eps, penalty=penalty)
         q, qf, cost = (a.ravel() for a in np.meshgrid(grid, grid, costs, indexing="ij"))
         r = c.reward(q, qf, cost)
         ok = c.satisfied(q, qf, cost)
@@ -165,6 +179,8 @@ def test_bad_inputs_are_one_clear_error(name, kw, args, match):
     "name, kw, match",
     [
         ("lexicographic", {"max_quality_drop": 1.5}, r"max_quality_drop must lie in \[0, 1\]"),
+        ("lexicographic", {"penalty": 0.0}, "penalty must be a finite number > 0, got 0.0"),
+        ("lexicographic", {"penalty": float("inf")}, "penalty must be a finite number > 0"),
         ("lagrangian", {"lam_init": -1.0}, "lam_init must be"),
         ("lagrangian", {"lr": 0.0}, "lr must be"),
         ("fixed", {"lam": float("nan")}, "lam must be"),
@@ -177,7 +193,7 @@ def test_bad_arguments_are_one_clear_error(name, kw, match):
 
 
 def test_scalars_and_arrays_broadcast():
-    c = Lexicographic(max_quality_drop=0.0)
+    c = Lexicographic(max_quality_drop=0.0, penalty=1.0)
     r = c.reward(np.array([[0.5, 0.6]]), 0.6, 0.5)
     assert r.shape == (1, 2)
     np.testing.assert_allclose(r, [[-0.1, 1.5]])
