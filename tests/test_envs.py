@@ -286,3 +286,27 @@ def test_ppo_runs_on_the_vec_env(model, tokenizer, task, examples):
     agent = PPO("MultiInputPolicy", vec, n_steps=2, batch_size=8, n_epochs=1, seed=0, device="cpu")
     agent.learn(total_timesteps=8)
     assert agent.num_timesteps == 8 and vec.get_state()["episodes"] >= 8
+
+
+def test_policy_decides_at_inference_as_it_saw_in_training(model, tokenizer, task, examples):
+    """The environment's observation and the inference path (``observation_inputs`` on a fresh ``observe``)
+    give a length-reading policy the same logits, so what it learned is what it deploys."""
+    from rlskip.agents.policy import SkipPolicy, observation_inputs
+    from rlskip.runtime import get_runtime
+
+    env = make_env(model, tokenizer, task, examples, seed=1)
+    torch.manual_seed(0)
+    policy = SkipPolicy(model.config.d_model, env.space.n_bits, token_head=True, length_input=True, init_keep_logit=0.0)
+    torch.nn.init.normal_(policy.bit_out.weight)
+    rt = get_runtime(model)
+    for index in (0, 3):
+        obs, _ = env.reset(options={"index": index})
+        trained = policy(
+            torch.as_tensor(obs["pooled"])[None], torch.as_tensor(obs["tokens"])[None], torch.as_tensor(obs["token_mask"] > 0.5)[None]
+        )
+        enc = tokenizer([examples[index].source], return_tensors="pt")
+        with torch.no_grad():
+            deployed = policy(**observation_inputs(rt.observe(enc["input_ids"], enc["attention_mask"].bool())))
+        n = int(obs["token_mask"].sum())
+        torch.testing.assert_close(deployed[0], trained[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(deployed[1][:, :n], trained[1][:, :n], rtol=1e-4, atol=1e-5)

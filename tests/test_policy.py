@@ -116,6 +116,24 @@ def test_budget_input_changes_the_outputs_and_is_required():
         SkipPolicy(D, BITS)(pooled, budget=torch.full((3,), 0.5))
 
 
+def test_length_input_tells_lengths_apart_and_is_required():
+    """Two inputs with the same pooled vector but different lengths: only a length-reading policy differs."""
+    pooled, tokens, mask = _inputs()
+    same = pooled[:1].expand(3, -1)
+    torch.manual_seed(0)
+    pol = SkipPolicy(D, BITS, length_input=True, init_keep_logit=0.0)
+    torch.nn.init.normal_(pol.bit_out.weight)  # out of the near-constant start, so inputs show
+    bits = pol(same, tokens, mask)[0]
+    assert not torch.allclose(bits[0], bits[1]) and not torch.allclose(bits[1], bits[2])
+    plain = SkipPolicy(D, BITS, init_keep_logit=0.0)
+    torch.nn.init.normal_(plain.bit_out.weight)
+    b = plain(same, tokens, mask)[0]
+    torch.testing.assert_close(b[0], b[1])
+    assert pol.init_kwargs["length_input"] is True
+    with pytest.raises(ValueError, match="built with length_input=True: pass tokens and token_mask"):
+        pol(pooled)
+
+
 def test_gradients_reach_every_parameter():
     pooled, tokens, mask = _inputs()
     pol = SkipPolicy(D, BITS, budget_input=True, init_keep_logit=0.5)
@@ -150,13 +168,13 @@ def test_flops_count_and_share_of_a_bart_base_forward():
         assert 0 < base.flops(src) < 0.01 * full
 
 
-def test_observation_inputs_mask_out_padding_and_special_tokens():
+def test_observation_inputs_mask_out_padding_as_the_environment_does():
     hidden = torch.randn(2, 5, D)
     attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     special = torch.tensor([[1, 0, 0, 0, 1], [1, 0, 1, 0, 0]], dtype=torch.bool)
     obs = Observation(hidden, attn, torch.zeros(2, 5, dtype=torch.long), special)
     inp = observation_inputs(obs)
-    assert inp["token_mask"].tolist() == [[False, True, True, True, False], [False, True, False, False, False]]
+    assert inp["token_mask"].tolist() == attn.tolist()
     torch.testing.assert_close(inp["pooled"], obs.pooled())
     bits, keep = SkipPolicy(D, BITS).decide(**inp)
     assert bits.shape == (2, BITS) and keep.shape == (2, 5)

@@ -15,7 +15,7 @@ from conftest import DATA_DIR, TOKENIZER_DIR, tiny_bart_config
 
 TINY = [
     "backbone.warmup.steps=20", "backbone.warmup.time_budget_s=0", "agent.iterations=4", "agent.n_envs=8",
-    "+env.task_kwargs.n_train=200", "+env.task_kwargs.n_eval=40", "env.max_new_tokens=30",
+    "env.task_kwargs.n_train=200", "+env.task_kwargs.n_eval=40", "env.max_new_tokens=30",
     "eval.limit=16", "eval.static_search_instances=8", "eval.latency_instances=8", "eval.latency_batch=4",
     "log.every=1", "log.latency_every=2", "log.checkpoint_every=2", "log.progress=false",
 ]
