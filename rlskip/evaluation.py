@@ -175,8 +175,10 @@ def latency_ratio(
     return statistics.median(t_src) / statistics.median(t_full)
 
 
-# keep thresholds tried by calibration, about 1.4x apart: a coarser grid jumps over the cheapest one that holds
-THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.035, 0.025, 0.018, 0.013, 0.01, 0.007, 0.005, 0.0035, 0.0025, 0.0018, 0.0013, 0.001)
+# keep thresholds tried by calibration: 0.5 and then 1.4x apart down to 1e-9. A policy trained long enough
+# has saturated logits, and its cheapest safe threshold can lie far below 0.001; the sigmoid of any logit the
+# policy produces in practice lies above the bottom, which keeps nearly everything.
+THRESHOLDS = tuple(float(f"{0.5 / 1.4**k:.3g}") for k in range(60))
 
 
 def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], confidence: float) -> float:
