@@ -89,6 +89,13 @@ def _arrays(quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> tup
     return q, qf, c
 
 
+def _check_number(label: str, value: float, allow_zero: bool) -> float:
+    """``value`` as a float if finite and > 0 (>= 0 with ``allow_zero``), else a one-line ValueError."""
+    if not (np.isfinite(value) and (value >= 0.0 if allow_zero else value > 0.0)):
+        raise ValueError(f"{label} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
+    return float(value)
+
+
 def _check_drop(max_quality_drop: float) -> float:
     eps = float(max_quality_drop)
     if not 0.0 <= eps <= 1.0:
@@ -211,9 +218,7 @@ class Lexicographic(_TracksViolation):
     def __init__(self, max_quality_drop: float = 0.01, penalty: float = 50.0) -> None:
         super().__init__()
         self.max_quality_drop = _check_drop(max_quality_drop)
-        if not (np.isfinite(penalty) and penalty > 0):
-            raise ValueError(f"lexicographic penalty must be a finite number > 0, got {penalty}")
-        self.penalty = float(penalty)
+        self.penalty = _check_number("lexicographic penalty", penalty, allow_zero=False)
 
     def satisfied(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
         return _within_drop(quality, quality_full, cost, self.max_quality_drop)
@@ -253,12 +258,8 @@ class Lagrangian(Constraint):
 
     def __init__(self, max_quality_drop: float = 0.01, lam_init: float = 1.0, lr: float = 0.05) -> None:
         self.max_quality_drop = _check_drop(max_quality_drop)
-        if not (np.isfinite(lam_init) and lam_init >= 0.0):
-            raise ValueError(f"lam_init must be a finite number >= 0, got {lam_init}")
-        if not (np.isfinite(lr) and lr > 0.0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr}")
-        self._lam = float(lam_init)
-        self.lr = float(lr)
+        self._lam = _check_number("lam_init", lam_init, allow_zero=True)
+        self.lr = _check_number("lr", lr, allow_zero=False)
 
     @property
     def lam(self) -> float:
@@ -300,9 +301,7 @@ class Fixed(Constraint):
     """
 
     def __init__(self, lam: float, max_quality_drop: float = 0.01) -> None:
-        if not (np.isfinite(lam) and lam >= 0.0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam}")
-        self._lam = float(lam)
+        self._lam = _check_number("lam", lam, allow_zero=True)
         self.max_quality_drop = _check_drop(max_quality_drop)
 
     @property

@@ -229,7 +229,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
                 best = stats["reward"]
                 save_checkpoint(run_dir, policy, rt.space, ref, it, extra=stats, name="best")
     bar.close()
-    seconds["policy"] = time.perf_counter() - t0 - seconds["backbone"]
+    seconds["policy"] = time.perf_counter() - t0 - sum(seconds.values())
 
     from rlskip.evaluation import calibrate_threshold
 
@@ -238,7 +238,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
         budget=eval_budget(cfg), confidence=cfg.eval.calibration_confidence,
     )
     save_checkpoint(run_dir, policy, rt.space, ref, learner.iteration, extra={**stats, "threshold": threshold}, name="last")
-    seconds["calibration"] = time.perf_counter() - t0 - seconds["backbone"] - seconds["policy"]
+    seconds["calibration"] = time.perf_counter() - t0 - sum(seconds.values())
     summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold)
     seconds["evaluation"] = time.perf_counter() - t0 - sum(seconds.values())
     summary.update(run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), seconds=seconds)
