@@ -118,7 +118,7 @@ class PPOLearner:
         n = a.n_steps * env.num_envs
         self.model = PPO(
             SkipActorCritic, env, learning_rate=a.lr, n_steps=a.n_steps, batch_size=max(8, n // 4), n_epochs=a.n_epochs,
-            gamma=0.0, gae_lambda=1.0, clip_range=a.clip_range, ent_coef=a.entropy_coef, vf_coef=a.value_coef, seed=seed,
+            gamma=0.0, gae_lambda=1.0, clip_range=a.clip_range, normalize_advantage=a.normalize_advantage, ent_coef=a.entropy_coef, vf_coef=a.value_coef, seed=seed,
             policy_kwargs=dict(hidden=a.hidden, token_head=a.token_head, budget_input=budget_input, length_input=a.length_input), verbose=0, device="cpu",
         )
         self.model.set_logger(logger)

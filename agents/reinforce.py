@@ -1,16 +1,32 @@
-"""Native constrained policy gradient: REINFORCE with a learned value baseline and an entropy bonus.
+"""Native constrained policy gradient: REINFORCE with a variance-reducing baseline and an entropy bonus.
 
 Each iteration reads one batch of first-layer observations from the :class:`~rlskip.envs.SkipVecEnv`,
-samples a plan per instance, executes them all in one batched runtime call, and takes one gradient step on
+samples a plan per slot, executes them all in one batched runtime call, and takes one gradient step on
 
-    loss = -mean(A * log pi(plan | obs)) - entropy_coef * mean(H) + value_coef * mean((V(obs) - r)^2)
+    loss = -mean(A * log pi(plan | obs)) - entropy_coef * mean(H) [+ value_coef * mean((V(obs) - r)^2)]
 
-with advantage ``A = r - V(obs)`` normalised over the batch. The normalisation matters: with a sparse
-quality signal most plans in a batch score alike, and scaling the advantages to unit spread is what lets
-the rare informative plan (an easy instance that stayed correct with more skipped) move the policy. Rewards come from the constraint handler the
-learner owns (``lexicographic`` by default); after the step the handler sees the batch (dual ascent for
-``lagrangian``). In ``joint`` generator mode the generator also takes one step of its task loss under the
-sampled plans (its own optimiser), and the environment's cache of full-model outputs is refreshed.
+The baseline in the advantage ``A = r - b`` is, by the environment's ``group_size``:
+
+- ``group_size = 1``: a learned value ``b = V(obs)`` (trained by the bracketed term);
+- ``group_size = k > 1``: the environment puts each instance in ``k`` slots, and ``b`` is the mean reward of
+  the *other* ``k - 1`` plans sampled for the same instance (the leave-one-out baseline, RLOO). It is
+  unbiased, needs no value network, and removes the instance's difficulty from the advantage exactly, at
+  the price of ``k`` times fewer distinct instances per batch; when all ``k`` plans agree it gives no signal,
+  so it relies on the entropy bonus to keep exploring. On the embedded default (raw advantages, 32 slots,
+  three generators) the two baselines ended within run-to-run noise of each other: mean FLOPs ratios 0.510
+  (k = 4) and 0.512 (value) at the same calibrated quality.
+
+With ``normalize_advantage`` the advantages are then scaled to unit spread over the batch. That helps a
+sparse signal on its own (the rare informative plan moves the policy as much as any), but it rescales each
+batch by its own spread: a batch without a violation has its small cost differences blown up to the size
+that a violation gets in another batch, which undoes the exchange rate the constraint's reward sets (the
+lexicographic ``penalty``). On the embedded default, raw advantages trained policies whose sampled plans
+kept the constraint about 99% of the time, against 97% normalised, at about the same cost; after
+calibration they cut 42-54% of the FLOPs, against 37-49%. Rewards come
+from the constraint handler the learner owns (``lexicographic`` by default); after the step the handler
+sees the batch (dual ascent for ``lagrangian``). In ``joint`` generator mode the generator also takes one
+step of its task loss under the sampled plans (its own optimiser), and the environment's cache of
+full-model outputs is refreshed.
 """
 
 from __future__ import annotations
@@ -47,12 +63,19 @@ def obs_to_torch(obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return t
 
 
+def leave_one_out_mean(r: torch.Tensor, k: int) -> torch.Tensor:
+    """For rewards in consecutive groups of ``k`` (``k >= 2``), each one's mean over the rest of its group."""
+    g = r.view(-1, k)
+    return ((g.sum(1, keepdim=True) - g) / (k - 1)).reshape(-1)
+
+
 @dataclass
 class ReinforceConfig:
     lr: float = 3e-3
     entropy_coef: float = 0.01
     value_coef: float = 0.5
     max_grad_norm: float = 1.0
+    normalize_advantage: bool = True
 
 
 class Reinforce:
@@ -71,8 +94,11 @@ class Reinforce:
     def __init__(self, env, policy, constraint, logger, config: ReinforceConfig, generator_step: Callable | None = None) -> None:
         self.env, self.policy, self.constraint, self.logger, self.cfg = env, policy, constraint, logger, config
         self.env.constraint = constraint
-        self.value = ValueHead(policy.d_model, policy.init_kwargs["hidden"], policy.budget_input)
-        self.optimizer = torch.optim.Adam(list(policy.parameters()) + list(self.value.parameters()), lr=config.lr)
+        self.group_size = int(getattr(env, "group_size", 1))
+        # a learned baseline only without groups; with them, the other plans for the same instance are it
+        self.value = ValueHead(policy.d_model, policy.init_kwargs["hidden"], policy.budget_input) if self.group_size == 1 else None
+        self._params = list(policy.parameters()) + (list(self.value.parameters()) if self.value is not None else [])
+        self.optimizer = torch.optim.Adam(self._params, lr=config.lr)
         self.generator_step = generator_step
         self.iteration = 0
         self._obs = None
@@ -91,15 +117,20 @@ class Reinforce:
         self._obs, rewards, _, infos = self.env.step(action)
 
         r = torch.as_tensor(rewards, dtype=torch.float32)
-        v = self.value(obs["pooled"], budget)
-        adv = r - v.detach()
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8) if len(adv) > 1 else adv
+        if self.value is not None:
+            v = self.value(obs["pooled"], budget)
+            adv = r - v.detach()
+            v_loss = ((v - r) ** 2).mean()
+        else:
+            adv = r - leave_one_out_mean(r, self.group_size)
+            v_loss = torch.zeros(())
+        if self.cfg.normalize_advantage and len(adv) > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         pg_loss = -(adv * logp).mean()
-        v_loss = ((v - r) ** 2).mean()
         loss = pg_loss - self.cfg.entropy_coef * entropy.mean() + self.cfg.value_coef * v_loss
         self.optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(list(self.policy.parameters()) + list(self.value.parameters()), self.cfg.max_grad_norm)
+        nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
         self.optimizer.step()
 
         stats = batch_stats(infos)
@@ -111,7 +142,8 @@ class Reinforce:
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)
             self.logger.record("train/policy_loss", float(pg_loss.detach()))
-            self.logger.record("train/value_loss", float(v_loss.detach()))
+            if self.value is not None:
+                self.logger.record("train/value_loss", float(v_loss.detach()))
             self.logger.record("train/entropy", float(entropy.mean().detach()))
             if gen_loss is not None:
                 self.logger.record("train/generator_loss", float(gen_loss))
@@ -127,7 +159,7 @@ class Reinforce:
         return {
             "iteration": self.iteration,
             "policy": self.policy.state_dict(),
-            "value": self.value.state_dict(),
+            "value": self.value.state_dict() if self.value is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "constraint": self.constraint.state_dict(),
             "env": self.env.get_state(),
@@ -138,7 +170,10 @@ class Reinforce:
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
         self.policy.load_state_dict(state["policy"])
-        self.value.load_state_dict(state["value"])
+        if (self.value is None) != (state["value"] is None):
+            raise ValueError("the saved learner state and this learner disagree on the baseline (agent.group_size)")
+        if self.value is not None:
+            self.value.load_state_dict(state["value"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.constraint.load_state_dict(state["constraint"])
         self.env.set_state(state["env"])

@@ -44,8 +44,10 @@ class SkipVecEnv(VecEnv):
 
     All slots draw from **one** data stream: step ``t``'s slot ``j`` holds episode ``t * num_envs + j`` of the
     stream ``seed`` (the order of ``SkipEnv`` with the same seed), so the order follows from the seed and the
-    episode count; :meth:`get_state` / :meth:`set_state` save and restore them, and the instances in the
-    slots, for a learner that resumes.
+    episode count. With ``group_size = k > 1`` each drawn instance fills ``k`` consecutive slots (slot ``j``
+    holds episode ``t * num_envs / k + j // k``), so a learner can compare several plans for the same input
+    (a per-instance baseline, as in :class:`~rlskip.agents.reinforce.Reinforce`). :meth:`get_state` /
+    :meth:`set_state` save and restore the order, and the instances in the slots, for a learner that resumes.
     ``seed(s)`` restarts the stream with ``s`` at the next ``reset()``; ``set_options`` accepts, per slot,
     ``{"index": i}`` (that instance, not drawn) and ``{"budget": b}``, applied at the next ``reset()``.
 
@@ -58,7 +60,9 @@ class SkipVecEnv(VecEnv):
         model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
         gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, constraint, seed: as for
             :class:`~rlskip.envs.skip_env.SkipEnv`.
-        num_envs: number of parallel instances per step (the batch size of the runtime calls).
+        num_envs: number of parallel slots per step (the batch size of the runtime calls).
+        group_size: slots per drawn instance (a divisor of ``num_envs``); a group's slots share the instance
+            and the budget, and ``set_options`` applies to a group through its first slot.
     """
 
     def __init__(
@@ -81,9 +85,13 @@ class SkipVecEnv(VecEnv):
         policy_flops: float = 0.0,
         constraint: ConstraintHandler | None = None,
         seed: int | None = None,
+        group_size: int = 1,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
+        if group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size must be a positive divisor of num_envs={num_envs}, got {group_size}")
+        self.group_size = int(group_size)
         self.rollout = SkipRollout(
             model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
             gen_kwargs, budget, budget_in_obs, fidelity, policy_flops,
@@ -159,6 +167,12 @@ class SkipVecEnv(VecEnv):
         return list(self._seeds)
 
     # -- episodes -----------------------------------------------------------------------------------
+    def _draw(self, options: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Slots for the next step: one draw per group (its first slot's options), repeated over the group."""
+        k = self.group_size
+        drawn, self._episodes = self.rollout.draw(self._seed, self._episodes, list(options)[::k])
+        return [dict(slot) for slot in drawn for _ in range(k)]
+
     def _load(self, slots: list[dict[str, Any]]) -> VecEnvObs:
         """Put instances in the slots and observe them in one batched call."""
         self._slots = slots
@@ -170,7 +184,7 @@ class SkipVecEnv(VecEnv):
         """Draw ``num_envs`` instances (applying pending ``seed`` and ``set_options``) and observe them."""
         if self._seeds[0] is not None:
             self._seed, self._episodes = int(self._seeds[0]), 0
-        slots, self._episodes = self.rollout.draw(self._seed, self._episodes, self._options)
+        slots = self._draw(self._options)
         self._reset_seeds()
         self._reset_options()
         return self._load(slots)
@@ -189,8 +203,7 @@ class SkipVecEnv(VecEnv):
         for j, info in enumerate(infos):
             info["terminal_observation"] = {k: v[j].copy() for k, v in finished.items()}
             info["TimeLimit.truncated"] = False
-        slots, self._episodes = self.rollout.draw(self._seed, self._episodes, [{}] * self.num_envs)
-        obs = self._load(slots)
+        obs = self._load(self._draw([{}] * self.num_envs))
         return obs, rewards.astype(np.float32), np.ones(self.num_envs, dtype=bool), infos
 
     def close(self) -> None:

@@ -60,6 +60,8 @@ class AgentConfig:
     value_coef: float = 0.5
     token_head: bool = False
     length_input: bool = True  # the policy also reads log(1 + source length)
+    group_size: int = 1  # reinforce: plans sampled per instance; > 1 uses the leave-one-out baseline
+    normalize_advantage: bool = True  # scale each batch's advantages to unit spread (reinforce yaml: false)
     n_steps: int = 4  # ppo only
     n_epochs: int = 4  # ppo only
     clip_range: float = 0.2  # ppo only
@@ -88,7 +90,7 @@ class EvalConfig:
     latency_batch: int = 16
     static_search_instances: int = 96
     calibration_instances: int = 1024  # held out of training (at most a quarter of it) to pick the decision threshold
-    calibration_confidence: float = 0.9  # the quality drop is checked at this one-sided upper confidence bound
+    calibration_confidence: float = 0.95  # the quality drop is checked at this one-sided upper confidence bound
 
 
 @dataclass
@@ -143,6 +145,11 @@ def compose(overrides: list[str]) -> DictConfig:
             raise ValueError(f"bad configuration: {key}={OmegaConf.select(cfg, key)!r}, expected one of {list(allowed)}")
     if not 0.5 <= cfg.eval.calibration_confidence < 1.0:
         raise ValueError(f"bad configuration: eval.calibration_confidence={cfg.eval.calibration_confidence}, expected a value in [0.5, 1)")
+    a = cfg.agent
+    if a.group_size < 1 or a.n_envs % a.group_size:
+        raise ValueError(f"bad configuration: agent.group_size={a.group_size} must be a positive divisor of agent.n_envs={a.n_envs}")
+    if a.name == "ppo" and a.group_size != 1:
+        raise ValueError("bad configuration: agent.group_size is for agent=reinforce (PPO's critic is its baseline); drop it or set 1")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -209,7 +209,7 @@ def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], co
 
 def calibrate_threshold(
     rt: Runtime, task, tokenizer, examples: Sequence, policy, constraint, gen_kwargs: dict, max_source_tokens: int,
-    thresholds: Sequence[float] = THRESHOLDS, budget: float | None = None, confidence: float = 0.9,
+    thresholds: Sequence[float] = THRESHOLDS, budget: float | None = None, confidence: float = 0.95,
 ) -> tuple[float, list[dict]]:
     """The decision threshold at which the policy's deterministic plans satisfy the run's constraint.
 

@@ -190,6 +190,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
     env = SkipVecEnv(
         model, tokenizer, task, train_ex, num_envs=cfg.agent.n_envs, max_source_tokens=cfg.env.max_source_tokens,
         gen_kwargs=gen_kwargs(cfg), budget_in_obs=cfg.env.budget_in_obs, seed=cfg.seed,
+        group_size=cfg.agent.group_size,
     )
     constraint = build_constraint(cfg.constraint)
     tb = run_dir / "tb"
@@ -288,7 +289,7 @@ def make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, run_dir)
         rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
         budget_input=cfg.env.budget_in_obs, length_input=a.length_input,
     )
-    return Reinforce(env, policy, constraint, logger, ReinforceConfig(a.lr, a.entropy_coef, a.value_coef), generator_step)
+    return Reinforce(env, policy, constraint, logger, ReinforceConfig(a.lr, a.entropy_coef, a.value_coef, normalize_advantage=a.normalize_advantage), generator_step)
 
 
 def save_all(learner, policy, rt, ref, run_dir: Path, step: int, stats: dict) -> None:

@@ -254,6 +254,31 @@ def test_seeded_data_order_is_reproducible_and_resumable(model, tokenizer, task,
     np.testing.assert_array_equal(obs["pooled"], env.step(np.ones(env.rollout.n_actions, dtype=np.int8))[0]["pooled"])
 
 
+def test_grouped_slots_repeat_each_drawn_instance(model, tokenizer, task, examples):
+    ungrouped = make_vec(model, tokenizer, task, examples, num_envs=3, seed=5)
+    ungrouped.reset()
+    stream = [ungrouped.current_indices()]
+    ungrouped.step(np.ones((3, ungrouped.rollout.n_actions), dtype=np.int8))
+    stream.append(ungrouped.current_indices())
+    vec = make_vec(model, tokenizer, task, examples, num_envs=6, seed=5, group_size=2)
+    obs = vec.reset()
+    # the same stream as ungrouped slots, each instance in two consecutive slots, observed identically
+    assert vec.current_indices() == [i for i in stream[0] for _ in range(2)]
+    np.testing.assert_array_equal(obs["pooled"][0::2], obs["pooled"][1::2])
+    actions = random_actions(vec, 6, seed=3)
+    _, rewards, _, infos = vec.step(actions)
+    assert vec.current_indices() == [i for i in stream[1] for _ in range(2)]
+    assert vec.get_state()["episodes"] == 6
+    # each slot ran its own plan: a slot's outcome depends only on its instance and its action
+    single = make_env(model, tokenizer, task, examples)
+    for j in range(6):
+        single.reset(options={"index": infos[j]["index"]})
+        _, r, _, _, info = single.step(actions[j])
+        assert info["text"] == infos[j]["text"] and r == pytest.approx(rewards[j], abs=1e-6)
+    with pytest.raises(ValueError, match="group_size must be a positive divisor of num_envs=6, got 4"):
+        make_vec(model, tokenizer, task, examples, num_envs=6, group_size=4)
+
+
 def test_bad_inputs_fail_with_clear_errors(model, tokenizer, task, examples):
     env = make_env(model, tokenizer, task, examples, seed=0)
     with pytest.raises(RuntimeError, match="reset"):

@@ -56,11 +56,12 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
     assert any("config" in t for t in ea.Tags()["tensors"])  # the resolved config as text
 
 
-def test_resume_continues_as_if_never_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("baseline", ["agent.group_size=1", "agent.group_size=4"])  # learned value; leave-one-out
+def test_resume_continues_as_if_never_stopped(baseline, tmp_path, monkeypatch):
     from rlskip.agents.reinforce import Reinforce
 
     straight = tmp_path / "straight"
-    assert main(TINY + [f"run_dir={straight}"]) == 0
+    assert main(TINY + [baseline, f"run_dir={straight}"]) == 0
 
     stopped = tmp_path / "stopped"
     original = Reinforce.train_iteration
@@ -72,7 +73,7 @@ def test_resume_continues_as_if_never_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Reinforce, "train_iteration", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        main(TINY + [f"run_dir={stopped}"])
+        main(TINY + [baseline, f"run_dir={stopped}"])
     monkeypatch.setattr(Reinforce, "train_iteration", original)
     assert main([f"resume={stopped}"]) == 0
 
@@ -155,6 +156,15 @@ def test_bad_inputs_fail_in_one_line_and_keep_existing_runs(tmp_path, capsys, mo
     assert main(TINY + [f"run_dir={keep}"]) == 2
     assert "not empty" in _error_line(capsys)
     assert (keep / "summary.json").read_text() == "{}"
+
+
+def test_group_size_is_validated_at_compose():
+    from rlskip.config import compose
+
+    with pytest.raises(ValueError, match="agent.group_size=3 must be a positive divisor of agent.n_envs=32"):
+        compose(["agent.group_size=3"])
+    with pytest.raises(ValueError, match="agent.group_size is for agent=reinforce"):
+        compose(["agent=ppo", "+agent.group_size=4"])
 
 
 def test_budget_conditioned_policy_trains_and_evaluates(tmp_path):

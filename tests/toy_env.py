@@ -23,7 +23,8 @@ def is_easy(pooled):
 
 
 class ToyVecEnv(VecEnv):
-    def __init__(self, num_envs: int = 32, seed: int = 0, constraint=None) -> None:
+    def __init__(self, num_envs: int = 32, seed: int = 0, constraint=None, group_size: int = 1) -> None:
+        self.group_size = group_size  # as SkipVecEnv: each drawn instance fills group_size consecutive slots
         self.space = SkipSpace.encoder_decoder("bart", 2, 1)  # 5 bits
         obs_space = spaces.Dict({
             "pooled": spaces.Box(-np.inf, np.inf, (D,), np.float32),
@@ -37,7 +38,7 @@ class ToyVecEnv(VecEnv):
         self._actions = None
 
     def _draw(self):
-        pooled = self.rng.normal(size=(self.num_envs, D)).astype(np.float32)
+        pooled = self.rng.normal(size=(self.num_envs // self.group_size, D)).astype(np.float32).repeat(self.group_size, 0)
         return {"pooled": pooled, "tokens": np.zeros((self.num_envs, S, D), np.float32), "token_mask": np.ones((self.num_envs, S), np.float32)}
 
     def reset(self):
