@@ -61,7 +61,7 @@ class AgentConfig:
     token_head: bool = False
     length_input: bool = True  # the policy also reads log(1 + source length)
     group_size: int = 1  # reinforce: plans sampled per instance; > 1 uses the leave-one-out baseline
-    normalize_advantage: bool = True  # scale each batch's advantages to unit spread (reinforce yaml: false)
+    normalize_advantage: bool = True  # scale each batch's advantages to unit spread (both agent yamls: false)
     n_steps: int = 4  # ppo only
     n_epochs: int = 4  # ppo only
     clip_range: float = 0.2  # ppo only
