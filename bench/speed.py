@@ -16,6 +16,7 @@ decoder layer weights) on 4 of 16 rows over its time on all 16, for one token pe
 and for 400 (the encoder). The FLOPs ratio is 0.25 in both; a time ratio well above it means those calls
 are bound by reading the weights, which every executing row shares, so skipping rows cannot save their
 FLOPs' share of the time (``row_scaling`` in the JSON).
+
 Timings are medians over repeats taken round-robin across configurations, warm-up excluded. Writes JSON
 (``--out``) and prints one JSON summary object as its last line.
 

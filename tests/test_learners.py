@@ -28,11 +28,12 @@ def _objective(name: str, stats: dict) -> float:
     return {"lexicographic": q - 0.1 * c, "lagrangian": q - 0.1 * c, "fixed": q - 0.5 * c, "budget": q * (c <= 0.6 + 1e-9)}[name]
 
 
-# the two baselines of the native learner: a learned value with normalised advantages (group_size 1), and
-# leave-one-out over 4 plans per instance with raw advantages and the entropy bonus (the embedded default's
-# agent; without the bonus, a bit every plan of a group keeps gives no advantage to learn from)
+# the native learner's variants: a learned value baseline with normalised advantages; the same with raw
+# advantages and the entropy bonus (the embedded default's agent); and leave-one-out over 4 plans per
+# instance, raw (without the bonus, a bit that every plan of a group keeps gives no advantage to learn from)
 BASELINES = {
     "value": dict(group_size=1, normalize_advantage=True, entropy_coef=0.0),
+    "value_raw": dict(group_size=1, normalize_advantage=False, entropy_coef=0.01),
     "group": dict(group_size=4, normalize_advantage=False, entropy_coef=0.01),
 }
 
@@ -90,8 +91,10 @@ def test_lexicographic_keeps_quality_while_cutting_cost(baseline, tmp_path):
     assert max(c for _, c in checkpoints) < c0 - 0.2
     # ... without the decisions ever trading quality below the constraint once it was satisfied
     assert min(q for q, _ in checkpoints) >= 0.99
-    if baseline == "group":
-        return  # raw advantages at penalty 1 find the per-instance rule only after ~1000 iterations here
+    if baseline != "value":
+        # raw advantages at penalty 1 are slower to find the per-instance rule on this toy (leave-one-out by
+        # ~1000 iterations; the value baseline not within 1600): only the ordering is checked for them
+        return
     # and decisions are per instance: easy instances drop candidates 1 and 2, hard ones keep them
     obs = learner.env.reset()
     pooled = torch.as_tensor(obs["pooled"])
