@@ -60,7 +60,7 @@ class AgentConfig:
     value_coef: float = 0.5
     token_head: bool = False
     length_input: bool = True  # the policy also reads log(1 + source length)
-    group_size: int = 1  # reinforce: plans sampled per instance; > 1 uses the leave-one-out baseline
+    group_size: int = 1  # reinforce: plans sampled per instance; > 1 uses the leave-one-out baseline (yaml: 4)
     normalize_advantage: bool = True  # scale each batch's advantages to unit spread (both agent yamls: false)
     n_steps: int = 4  # ppo only
     n_epochs: int = 4  # ppo only
