@@ -48,10 +48,11 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
     scalars = set(ea.Tags()["scalars"])
     expected = {
         "reward/mean", "quality/policy", "quality/full", "cost/flops_ratio", "cost/latency_ratio", "constraint/lambda",
-        "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/value_loss", "train/entropy",
+        "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/entropy",
         "skip_rate/dec.0.ffn", "skip_rate/enc.1.attn",
     }
     assert expected <= scalars, expected - scalars
+    assert "train/value_loss" not in scalars  # the default's leave-one-out baseline has no value head
     assert "skip_rate/heatmap" in ea.Tags()["images"]
     assert any("config" in t for t in ea.Tags()["tensors"])  # the resolved config as text
 
@@ -79,6 +80,7 @@ def test_resume_continues_as_if_never_stopped(baseline, tmp_path, monkeypatch):
 
     keys = ["reward/mean", "quality/policy", "cost/flops_ratio", "train/policy_loss"]
     want = _rows(straight)
+    assert ("train/value_loss" in want[0]) == (baseline == "agent.group_size=1")  # only the value baseline has one
     got_first, got_rest = _rows(stopped, "progress.0.csv"), _rows(stopped)
     assert len(want) == 4 and len(got_rest) == 2  # iterations 3 and 4, resumed from the checkpoint of iteration 2
     for a, b in zip(want, got_first[:2] + got_rest):
