@@ -14,10 +14,10 @@ The baseline in the advantage ``A = r - b`` is, by the environment's ``group_siz
   the price of ``k`` times fewer distinct instances per batch; when all ``k`` plans agree it gives no signal,
   so it relies on the entropy bonus to keep exploring. With raw advantages (below), on the embedded
   default's generators it matched the value baseline within run-to-run noise in RL-only runs (mean FLOPs
-  ratios 0.510 and 0.512 over three seeds, same calibrated quality), and five full runs of the default with
-  k = 4 met every target, against three of five with the value baseline. On the toy environment of the
-  tests it finds a per-instance rule that the raw value baseline did not find in 1600 iterations. The
-  embedded default uses k = 4 (8 instances x 4 plans per batch of 32).
+  ratios 0.510 and 0.512 over three seeds, same calibrated quality), and five of six full runs of the
+  default with k = 4 met every target, against three of five with the value baseline. On the toy
+  environment of the tests it finds a per-instance rule that the raw value baseline did not find in 1600
+  iterations. The embedded default uses k = 4 (8 instances x 4 plans per batch of 32).
 
 With ``normalize_advantage`` the advantages are then scaled to unit spread over the batch. That helps a
 sparse signal on its own (the rare informative plan moves the policy as much as any), but it rescales each
