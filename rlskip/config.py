@@ -62,6 +62,9 @@ class AgentConfig:
     length_input: bool = True  # the policy also reads log(1 + source length)
     group_size: int = 1  # reinforce: plans sampled per instance; > 1 uses the leave-one-out baseline (yaml: 4)
     normalize_advantage: bool = True  # scale each batch's advantages to unit spread (both agent yamls: false)
+    self_critical: bool = False  # reinforce, group_size > 1: each group's first slot plays the greedy plan, the baseline of the rest
+    lr_decay: float = 0.0  # reinforce: the learning rate falls linearly to 0 over this last fraction of the iterations
+    policies: int = 1  # policies trained from independent seeds; calibration keeps the best (reinforce yaml: 2)
     n_steps: int = 4  # ppo only
     n_epochs: int = 4  # ppo only
     clip_range: float = 0.2  # ppo only
@@ -150,6 +153,12 @@ def compose(overrides: list[str]) -> DictConfig:
         raise ValueError(f"bad configuration: agent.group_size={a.group_size} must be a positive divisor of agent.n_envs={a.n_envs}")
     if a.name == "ppo" and a.group_size != 1:
         raise ValueError("bad configuration: agent.group_size is for agent=reinforce (PPO's critic is its baseline); drop it or set 1")
+    if a.self_critical and (a.name != "reinforce" or a.group_size < 2):
+        raise ValueError("bad configuration: agent.self_critical needs agent=reinforce with agent.group_size >= 2 (the greedy plan takes one slot of each group)")
+    if not 0.0 <= a.lr_decay <= 1.0:
+        raise ValueError(f"bad configuration: agent.lr_decay={a.lr_decay}, expected a fraction in [0, 1]")
+    if a.policies < 1:
+        raise ValueError(f"bad configuration: agent.policies={a.policies}, expected 1 or more")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -14,6 +14,15 @@ checkpoints ``last`` and ``best`` (``<name>.json`` + safetensors weights, see :m
 ``skip_space.json``, ``trainer_state.pt`` (and ``ppo.zip`` for PPO) to resume from ``last``, ``generator/``
 (a built or jointly tuned generator, ``save_pretrained``) and ``summary.json``. Every file is written
 atomically (temp file + rename).
+
+With ``agent.policies = n > 1`` (the default for ``agent=reinforce``: 2) the policy is trained ``n`` times
+from independent seeds, one after another, each in ``policies/<i>/`` with its own ``tb/``, checkpoints and
+``trainer_state.pt`` (and, in joint mode, its own tuned ``generator/``, all starting from the same one).
+Each is calibrated on the same held-out instances at confidence ``1 - (1 - eval.calibration_confidence) / n``
+(a union bound over the ``n`` policies), and the one whose calibrated plans do best under the constraint is
+kept: its checkpoints (and generator) are copied to the run directory, and ``summary.json`` lists every
+policy's calibration outcome (``policies``) and the one kept (``kept_policy``). Policy training varies a
+lot from seed to seed; keeping the better of two trades a second training for that spread.
 """
 
 from __future__ import annotations
@@ -153,66 +162,112 @@ def save_generator(model, tokenizer, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def backbone_reference(cfg: DictConfig, run_dir: Path, model, runtime) -> dict:
-    """Where the generator the policy was trained with lives, and its content hash."""
+def load_generator_weights(model, folder: Path | None, start: dict, task) -> None:
+    """Put the weights saved in ``folder`` (``save_generator``), or ``start`` when None, into ``model`` in place."""
+    if folder is None:
+        model.load_state_dict(start)
+        return
+    saved = load_backbone(str(folder), task.kind, getattr(task, "num_labels", None))
+    model.load_state_dict(saved.state_dict())
+
+
+def backbone_reference(cfg: DictConfig, generator_dir: Path, model, runtime) -> dict:
+    """Where the generator the policy was trained with lives (``generator_dir`` when built or tuned here), and its content hash."""
     from rlskip.checkpoint import make_backbone_ref
 
     built_here = cfg.backbone.name_or_path == SYNTHETIC_SMALL or cfg.generator.mode == "joint"
-    name = str((run_dir / "generator").resolve()) if built_here else cfg.backbone.name_or_path
+    name = str(generator_dir.resolve()) if built_here else cfg.backbone.name_or_path
     ref = make_backbone_ref(model, runtime.family, name_or_path=name, revision=cfg.backbone.revision)
     ref["tokenizer"] = name if built_here else (cfg.backbone.tokenizer or cfg.backbone.name_or_path)
     return ref
 
 
 # ---- main loop -----------------------------------------------------------------------------------------
-def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
-    from stable_baselines3.common.logger import configure
+def policy_seed(seed: int, c: int) -> int:
+    """Seed of policy ``c``: the run's seed for the first, so a one-policy run is the run it always was."""
+    return seed + 10_000 * c
+
+
+def policy_dir(cfg: DictConfig, run_dir: Path, c: int) -> Path:
+    """Where policy ``c`` trains: the run directory itself with one policy, else ``policies/<c>``."""
+    return run_dir if cfg.agent.policies == 1 else run_dir / "policies" / str(c)
+
+
+def policy_confidence(cfg: DictConfig) -> float:
+    """Each policy's calibration confidence: the run's, split over the ``agent.policies`` (Bonferroni).
+
+    The kept policy is the best of ``n`` calibrated on the same instances; if each one's bound holds with
+    probability ``1 - (1 - confidence) / n``, all of them hold together, so the kept one's too, with
+    probability at least ``confidence``.
+    """
+    return 1.0 - (1.0 - float(cfg.eval.calibration_confidence)) / int(cfg.agent.policies)
+
+
+def select_policy(constraint, rows: list[dict]) -> int:
+    """Index of the policy whose calibrated deterministic plans do best under the run's constraint.
+
+    ``rows`` are the calibration rows at each policy's chosen threshold (see
+    :func:`rlskip.evaluation.calibrate_threshold`). For a budget: within the budget first, then the highest
+    quality (the cheapest when none is within). Otherwise: the quality constraint (at its confidence bound)
+    satisfied first, then the fewest FLOPs (the smallest drop bound when none satisfies it).
+    """
+    from rlskip.constraints import Budget
+
+    if not rows:
+        raise ValueError("no policies to select from")
+
+    def key(r: dict) -> tuple:
+        if isinstance(constraint, Budget):
+            return (r["satisfied"], r["quality"] if r["satisfied"] else -r["flops_ratio"])
+        return (r["satisfied"], -r["flops_ratio"] if r["satisfied"] else -r["drop_upper_bound"])
+
+    return max(range(len(rows)), key=lambda i: key(rows[i]))
+
+
+def train_policy(cfg, c: int, cdir: Path, model, tokenizer, task, train_ex, latency_ex, rt, ref, generator_dir: Path):
+    """Train (or finish, when ``cdir`` holds its ``trainer_state.pt``) policy ``c``; returns its learner.
+
+    Every policy has its own seed (:func:`policy_seed`), data stream, TensorBoard events and
+    checkpoints under ``cdir``, so a run stopped anywhere resumes with the policy it was training. In
+    joint mode the generator as tuned so far is saved to ``generator_dir`` with each checkpoint.
+    """
+    from stable_baselines3.common.logger import Logger, configure
     from tqdm import tqdm
 
     from rlskip.agents.tb import record_text
-    from rlskip.checkpoint import atomic_write_text, save_checkpoint
+    from rlskip.checkpoint import load_checkpoint, save_checkpoint
     from rlskip.envs import SkipVecEnv
-    from rlskip.runtime import get_runtime
 
-    if not resuming:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    task = build_task(cfg)
-    train_ex, eval_ex = load_data(cfg, task)
-    train_ex, calib_ex = split_calibration(cfg, train_ex)
-    seconds, t0 = {}, time.perf_counter()
-    tokenizer, model = build_backbone(cfg, task, run_dir, resuming, train_ex)
-    seconds["backbone"] = time.perf_counter() - t0
-    rt = get_runtime(model)
-
+    seed = policy_seed(cfg.seed, c)
+    if c > 0:
+        seed_everything(seed)
     env = SkipVecEnv(
         model, tokenizer, task, train_ex, num_envs=cfg.agent.n_envs, max_source_tokens=cfg.env.max_source_tokens,
-        gen_kwargs=gen_kwargs(cfg), budget_in_obs=cfg.env.budget_in_obs, seed=cfg.seed,
-        group_size=cfg.agent.group_size,
+        gen_kwargs=gen_kwargs(cfg), budget_in_obs=cfg.env.budget_in_obs, seed=seed, group_size=cfg.agent.group_size,
     )
     constraint = build_constraint(cfg.constraint)
-    tb = run_dir / "tb"
-    if resuming and (tb / "progress.csv").is_file():
-        # SB3 opens progress.csv for writing: keep the interrupted segment's rows under another name
-        (tb / "progress.csv").rename(tb / f"progress.{len(list(tb.glob('progress.*.csv')))}.csv")
-    logger = configure(str(tb), ["tensorboard", "csv"])
-    if not resuming:
-        record_text(logger, "config", OmegaConf.to_yaml(cfg, resolve=True))
-
-    learner = make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, run_dir)
-    if resuming and (run_dir / "trainer_state.pt").is_file():
-        state = torch.load(run_dir / "trainer_state.pt", weights_only=False)
+    state = torch.load(cdir / "trainer_state.pt", weights_only=False) if (cdir / "trainer_state.pt").is_file() else None
+    tb = cdir / "tb"
+    if state is not None and state["iteration"] >= cfg.agent.iterations:
+        logger = Logger(None, [])  # finished before a stop: its TensorBoard events stay as they are
+    else:
+        if (tb / "progress.csv").is_file():
+            # SB3 opens progress.csv for writing: keep the interrupted segment's rows under another name
+            (tb / "progress.csv").rename(tb / f"progress.{len(list(tb.glob('progress.*.csv')))}.csv")
+        logger = configure(str(tb), ["tensorboard", "csv"])
+    learner = make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, cdir, seed)
+    if state is not None:
         if hasattr(learner, "save_native"):
-            learner.load_state_dict(state, run_dir)
+            learner.load_state_dict(state, cdir)
         else:
             learner.load_state_dict(state)
+    else:
+        record_text(logger, "config", OmegaConf.to_yaml(cfg, resolve=True))
     policy = learner.policy
-    ref = backbone_reference(cfg, run_dir, model, rt)
-    latency_ex = eval_ex[: cfg.eval.latency_instances]
     best, stats = -float("inf"), {}
-    bar = tqdm(total=cfg.agent.iterations, initial=learner.iteration, desc="policy", disable=not cfg.log.progress)
+    n = cfg.agent.policies
+    desc = "policy" if n == 1 else f"policy {c + 1}/{n}"
+    bar = tqdm(total=cfg.agent.iterations, initial=learner.iteration, desc=desc, disable=not cfg.log.progress)
     while learner.iteration < cfg.agent.iterations:
         it = learner.iteration + 1
         if it % cfg.log.latency_every == 0:
@@ -223,28 +278,90 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
         bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['cost']:.3f}")
         if it % cfg.log.checkpoint_every == 0 or it == cfg.agent.iterations:
             if cfg.generator.mode == "joint":  # the checkpoint must point at the generator as tuned so far
-                save_generator(model, tokenizer, run_dir / "generator")
-                ref = backbone_reference(cfg, run_dir, model, rt)
-            save_all(learner, policy, rt, ref, run_dir, it, stats)
+                save_generator(model, tokenizer, generator_dir)
+                ref = backbone_reference(cfg, generator_dir, model, rt)
+            save_all(learner, policy, rt, ref, cdir, it, stats)
             if stats["reward"] > best:
                 best = stats["reward"]
-                save_checkpoint(run_dir, policy, rt.space, ref, it, extra=stats, name="best")
+                save_checkpoint(cdir, policy, rt.space, ref, it, extra=stats, name="best")
     bar.close()
-    seconds["policy"] = time.perf_counter() - t0 - sum(seconds.values())
-
-    from rlskip.evaluation import calibrate_threshold
-
-    threshold, table = calibrate_threshold(
-        rt, task, tokenizer, calib_ex, policy, constraint, gen_kwargs(cfg), cfg.env.max_source_tokens,
-        budget=eval_budget(cfg), confidence=cfg.eval.calibration_confidence,
-    )
-    save_checkpoint(run_dir, policy, rt.space, ref, learner.iteration, extra={**stats, "threshold": threshold}, name="last")
-    seconds["calibration"] = time.perf_counter() - t0 - sum(seconds.values())
-    summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold)
-    seconds["evaluation"] = time.perf_counter() - t0 - sum(seconds.values())
-    summary.update(run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), seconds=seconds)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     logger.close()
+    if not stats:  # finished before this (resumed) process: the last checkpoint holds its final batch
+        stats = {k: v for k, v in load_checkpoint(cdir, "last").extra.items() if k != "threshold"}
+    learner.last_stats = stats
+    return learner, ref
+
+
+def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
+    from rlskip.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+    from rlskip.evaluation import calibrate_threshold
+    from rlskip.runtime import get_runtime
+
+    if not resuming:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    task = build_task(cfg)
+    train_ex, eval_ex = load_data(cfg, task)
+    train_ex, calib_ex = split_calibration(cfg, train_ex)
+    seconds, t0 = {"backbone": 0.0, "policy": 0.0, "calibration": 0.0}, time.perf_counter()
+    tokenizer, model = build_backbone(cfg, task, run_dir, resuming, train_ex)
+    seconds["backbone"] = time.perf_counter() - t0
+    rt = get_runtime(model)
+    ref = backbone_reference(cfg, run_dir / "generator", model, rt)
+    latency_ex = eval_ex[: cfg.eval.latency_instances]
+    confidence = policy_confidence(cfg)
+    n = cfg.agent.policies
+    # joint mode with several policies: each one tunes its own copy of the generator, from the same start
+    own_generators = cfg.generator.mode == "joint" and n > 1
+    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if own_generators else None
+    policies, rows = [], []
+    for c in range(n):
+        cdir = policy_dir(cfg, run_dir, c)
+        generator_dir = cdir / "generator" if own_generators else run_dir / "generator"
+        if own_generators:
+            load_generator_weights(model, generator_dir if (cdir / "trainer_state.pt").is_file() else None, start, task)
+            ref = backbone_reference(cfg, generator_dir, model, rt)
+        t = time.perf_counter()
+        learner, ref = train_policy(cfg, c, cdir, model, tokenizer, task, train_ex, latency_ex, rt, ref, generator_dir)
+        seconds["policy"] += time.perf_counter() - t
+        t = time.perf_counter()
+        threshold, table = calibrate_threshold(
+            rt, task, tokenizer, calib_ex, learner.policy, learner.constraint, gen_kwargs(cfg), cfg.env.max_source_tokens,
+            budget=eval_budget(cfg), confidence=confidence,
+        )
+        seconds["calibration"] += time.perf_counter() - t
+        extra = {**learner.last_stats, "threshold": threshold}
+        save_checkpoint(cdir, learner.policy, rt.space, ref, learner.iteration, extra=extra, name="last")
+        chosen = next(r for r in table if r["threshold"] == threshold)
+        policies.append((learner.policy, learner.constraint, threshold, table, extra))
+        rows.append({"policy": c, "seed": policy_seed(cfg.seed, c), **chosen})
+    k = select_policy(policies[0][1], rows)
+    policy, _, threshold, table, extra = policies[k]
+    if n > 1:
+        cdir = policy_dir(cfg, run_dir, k)
+        log.info("kept policy %d of %d: %s", k, n,
+                 ", ".join(f"{r['policy']}: FLOPs {r['flops_ratio']:.3f} drop bound {r['drop_upper_bound']:.4f}" for r in rows))
+        if own_generators:  # the kept policy's tuned generator becomes the run's
+            load_generator_weights(model, cdir / "generator", start, task)
+            save_generator(model, tokenizer, run_dir / "generator")
+            ref = backbone_reference(cfg, run_dir / "generator", model, rt)
+        best_ckpt = load_checkpoint(cdir, "best")
+        save_checkpoint(run_dir, best_ckpt.build_policy(), rt.space, ref, best_ckpt.step, extra={**best_ckpt.extra, "kept_policy": k}, name="best")
+        save_checkpoint(run_dir, policy, rt.space, ref, cfg.agent.iterations, extra={**extra, "kept_policy": k}, name="last")
+        if (cdir / "ppo.zip").is_file():
+            from rlskip.checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(run_dir / "ppo.zip", (cdir / "ppo.zip").read_bytes())
+    t = time.perf_counter()
+    summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold)
+    seconds["evaluation"] = time.perf_counter() - t
+    summary.update(
+        run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex),
+        calibration_confidence=confidence, kept_policy=k, policies=rows, seconds=seconds,
+    )
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -263,7 +380,7 @@ def build_constraint(c: DictConfig):
     return make_constraint(c.name, **kwargs[c.name])
 
 
-def make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, run_dir):
+def make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, run_dir, seed: int):
     generator_step = None
     if cfg.generator.mode == "joint":
         from rlskip.agents.joint import GeneratorTuner
@@ -279,7 +396,7 @@ def make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, run_dir)
         from rlskip.agents.ppo import PPOLearner
 
         return PPOLearner(
-            env, constraint, logger, cfg.agent, run_dir, seed=cfg.seed, budget_input=cfg.env.budget_in_obs, generator_step=generator_step
+            env, constraint, logger, cfg.agent, run_dir, seed=seed, budget_input=cfg.env.budget_in_obs, generator_step=generator_step
         )
     from rlskip.agents.policy import SkipPolicy
     from rlskip.agents.reinforce import Reinforce, ReinforceConfig
@@ -289,7 +406,11 @@ def make_learner(cfg, env, constraint, logger, rt, tokenizer, train_ex, run_dir)
         rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
         budget_input=cfg.env.budget_in_obs, length_input=a.length_input,
     )
-    return Reinforce(env, policy, constraint, logger, ReinforceConfig(a.lr, a.entropy_coef, a.value_coef, normalize_advantage=a.normalize_advantage), generator_step)
+    config = ReinforceConfig(
+        a.lr, a.entropy_coef, a.value_coef, normalize_advantage=a.normalize_advantage, self_critical=a.self_critical,
+        iterations=a.iterations, lr_decay=a.lr_decay,
+    )
+    return Reinforce(env, policy, constraint, logger, config, generator_step)
 
 
 def save_all(learner, policy, rt, ref, run_dir: Path, step: int, stats: dict) -> None:

@@ -33,69 +33,127 @@ def _error_line(capsys) -> str:
 
 
 def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
+    from rlskip.checkpoint import load_checkpoint
+    from rlskip.constraints import Lexicographic
+    from rlskip.train import select_policy
+
     run = tmp_path / "run"
     assert main(TINY + [f"run_dir={run}"]) == 0
-    for name in ("config.yaml", "skip_space.json", "last.json", "best.json", "trainer_state.pt", "summary.json"):
+    for name in ("config.yaml", "skip_space.json", "last.json", "best.json", "summary.json"):
         assert (run / name).is_file(), name
     assert (run / "generator" / "config.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     for key in ("quality_full", "quality", "flops_ratio", "latency_ratio", "static_quality_at_equal_flops"):
         assert isinstance(summary[key], float), key
 
+    # the default trains two policies, each in its own directory, and keeps the one calibration prefers
+    rows = summary["policies"]
+    assert [r["policy"] for r in rows] == [0, 1] and rows[0]["seed"] != rows[1]["seed"]
+    assert summary["kept_policy"] == select_policy(Lexicographic(), rows)
+    assert summary["calibration_confidence"] == pytest.approx(1 - 0.05 / 2)  # 0.95 split over two policies
+    kept = run / "policies" / str(summary["kept_policy"])
+    for c in (0, 1):
+        for name in ("last.json", "best.json", "trainer_state.pt", "tb/progress.csv"):
+            assert (run / "policies" / str(c) / name).is_file(), (c, name)
+    last = load_checkpoint(run)
+    assert last.extra["kept_policy"] == summary["kept_policy"] and last.extra["threshold"] == summary["threshold"]
+    for k, v in load_checkpoint(kept).policy_state.items():
+        assert torch.equal(v, last.policy_state[k]), k
+    for k, v in load_checkpoint(kept, "best").policy_state.items():
+        assert torch.equal(v, load_checkpoint(run, "best").policy_state[k]), k
+    other = load_checkpoint(run / "policies" / str(1 - summary["kept_policy"]))
+    assert any(not torch.equal(v, last.policy_state[k]) for k, v in other.policy_state.items())
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
-    scalars = set(ea.Tags()["scalars"])
-    expected = {
-        "reward/mean", "quality/policy", "quality/full", "cost/flops_ratio", "cost/latency_ratio", "constraint/lambda",
-        "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/entropy",
-        "skip_rate/dec.0.ffn", "skip_rate/enc.1.attn",
-    }
-    assert expected <= scalars, expected - scalars
-    assert "train/value_loss" not in scalars  # the default's leave-one-out baseline has no value head
-    assert "skip_rate/heatmap" in ea.Tags()["images"]
-    assert any("config" in t for t in ea.Tags()["tensors"])  # the resolved config as text
+    for c in (0, 1):
+        ea = EventAccumulator(str(run / "policies" / str(c) / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
+        scalars = set(ea.Tags()["scalars"])
+        expected = {
+            "reward/mean", "quality/policy", "quality/full", "cost/flops_ratio", "cost/latency_ratio", "constraint/lambda",
+            "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/entropy",
+            "skip_rate/dec.0.ffn", "skip_rate/enc.1.attn",
+        }
+        assert expected <= scalars, expected - scalars
+        assert "train/value_loss" not in scalars  # the default's leave-one-out baseline has no value head
+        assert "skip_rate/heatmap" in ea.Tags()["images"]
+        assert any("config" in t for t in ea.Tags()["tensors"])  # the resolved config as text
 
 
-@pytest.mark.parametrize("baseline", ["agent.group_size=1", "agent.group_size=4"])  # learned value; leave-one-out
-def test_resume_continues_as_if_never_stopped(baseline, tmp_path, monkeypatch):
+def test_select_policy_prefers_the_constraint_then_compute():
+    from rlskip.constraints import Budget, Lexicographic
+    from rlskip.train import select_policy
+
+    def row(sat, flops, q=0.99, bound=0.005):
+        return {"satisfied": sat, "flops_ratio": flops, "quality": q, "drop_upper_bound": bound}
+
+    lex = Lexicographic()
+    assert select_policy(lex, [row(True, 0.6), row(True, 0.5), row(False, 0.3)]) == 1
+    assert select_policy(lex, [row(False, 0.3, bound=0.03), row(False, 0.9, bound=0.02)]) == 1
+    budget = Budget(0.5)
+    assert select_policy(budget, [row(True, 0.5, q=0.90), row(True, 0.4, q=0.95), row(False, 0.7, q=1.0)]) == 1
+    assert select_policy(budget, [row(False, 0.7), row(False, 0.6)]) == 1
+    with pytest.raises(ValueError, match="no policies"):
+        select_policy(lex, [])
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ["agent.group_size=1", "agent.policies=1"],  # learned value baseline, one policy (flat run directory)
+        ["agent.group_size=4", "agent.policies=1"],  # leave-one-out baseline
+        ["agent.group_size=4", "agent.policies=2"],  # the default: stopped while training the second policy
+    ],
+    ids=["value", "loo", "loo-2-policies"],
+)
+def test_resume_continues_as_if_never_stopped(setup, tmp_path, monkeypatch):
     from rlskip.agents.reinforce import Reinforce
 
+    two = "agent.policies=2" in setup
     straight = tmp_path / "straight"
-    assert main(TINY + [baseline, f"run_dir={straight}"]) == 0
+    assert main(TINY + setup + [f"run_dir={straight}"]) == 0
 
     stopped = tmp_path / "stopped"
     original = Reinforce.train_iteration
+    calls = []
 
     def crash_after_two(self, *a, **k):
-        if self.iteration == 3:  # iteration 3 ran (and logged) but its checkpoint was never written
+        calls.append(self.iteration)
+        # iteration 3 (of the second policy, with two) ran and logged, but its checkpoint was never written
+        if self.iteration == 3 and (not two or len(calls) > 4):
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
     monkeypatch.setattr(Reinforce, "train_iteration", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        main(TINY + [baseline, f"run_dir={stopped}"])
+        main(TINY + setup + [f"run_dir={stopped}"])
     monkeypatch.setattr(Reinforce, "train_iteration", original)
     assert main([f"resume={stopped}"]) == 0
 
     keys = ["reward/mean", "quality/policy", "cost/flops_ratio", "train/policy_loss"]
-    want = _rows(straight)
-    assert ("train/value_loss" in want[0]) == (baseline == "agent.group_size=1")  # only the value baseline has one
-    got_first, got_rest = _rows(stopped, "progress.0.csv"), _rows(stopped)
+    sub = Path("policies/1") if two else Path(".")
+    want = _rows(straight / sub)
+    assert ("train/value_loss" in want[0]) == ("agent.group_size=1" in setup)  # only the value baseline has one
+    got_first, got_rest = _rows(stopped / sub, "progress.0.csv"), _rows(stopped / sub)
     assert len(want) == 4 and len(got_rest) == 2  # iterations 3 and 4, resumed from the checkpoint of iteration 2
     for a, b in zip(want, got_first[:2] + got_rest):
         for k in keys:
             assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6, abs=1e-9), k
+    if two:  # the first policy had finished before the stop and is not trained again
+        assert len(_rows(stopped / "policies/0")) == 4 and not (stopped / "policies/0/tb/progress.0.csv").exists()
     s1 = json.loads((straight / "summary.json").read_text())
     s2 = json.loads((stopped / "summary.json").read_text())
     assert s1["quality"] == s2["quality"] and s1["flops_ratio"] == pytest.approx(s2["flops_ratio"])
+    assert s1["policies"] == s2["policies"]
 
 
 def test_ppo_run_keeps_a_zip_that_ppo_load_opens(tmp_path):
     from stable_baselines3 import PPO
 
     run = tmp_path / "ppo"
-    assert main(TINY + ["agent=ppo", "agent.n_steps=2", "agent.n_epochs=2", f"run_dir={run}"]) == 0
+    assert main(TINY + ["agent=ppo", "agent.n_steps=2", "agent.n_epochs=2", "agent.policies=2", f"run_dir={run}"]) == 0
+    kept = json.loads((run / "summary.json").read_text())["kept_policy"]
+    assert (run / "ppo.zip").read_bytes() == (run / "policies" / str(kept) / "ppo.zip").read_bytes()
     from rlskip.checkpoint import load_policy
     from rlskip.space import SkipSpace
 
@@ -116,6 +174,13 @@ def test_joint_mode_tunes_and_saves_the_generator(tmp_path):
     ref = json.loads((run / "last.json").read_text())["backbone"]
     tuned = BartForConditionalGeneration.from_pretrained(run / "generator")
     assert backbone_hash(tuned) == ref["content_hash"]
+    # with two policies each tunes its own copy from the same start; the kept one's becomes the run's
+    kept = json.loads((run / "summary.json").read_text())["kept_policy"]
+    hashes = [backbone_hash(BartForConditionalGeneration.from_pretrained(run / "policies" / str(c) / "generator")) for c in (0, 1)]
+    assert hashes[kept] == ref["content_hash"] and hashes[0] != hashes[1]
+    for c in (0, 1):
+        cref = json.loads((run / "policies" / str(c) / "last.json").read_text())["backbone"]
+        assert cref["content_hash"] == hashes[c] and cref["name_or_path"].endswith(f"policies/{c}/generator")
 
 
 def test_xsum_runs_a_few_steps_on_local_files(tmp_path, bart_tokenizer):
@@ -160,13 +225,20 @@ def test_bad_inputs_fail_in_one_line_and_keep_existing_runs(tmp_path, capsys, mo
     assert (keep / "summary.json").read_text() == "{}"
 
 
-def test_group_size_is_validated_at_compose():
+def test_group_size_and_policies_are_validated_at_compose():
     from rlskip.config import compose
 
     with pytest.raises(ValueError, match="agent.group_size=3 must be a positive divisor of agent.n_envs=32"):
         compose(["agent.group_size=3"])
     with pytest.raises(ValueError, match="agent.group_size is for agent=reinforce"):
         compose(["agent=ppo", "+agent.group_size=4"])
+    with pytest.raises(ValueError, match="agent.policies=0, expected 1 or more"):
+        compose(["agent.policies=0"])
+    assert compose(["agent=ppo", "agent.policies=2"]).agent.policies == 2
+    with pytest.raises(ValueError, match="agent.self_critical needs agent=reinforce with agent.group_size >= 2"):
+        compose(["agent.self_critical=true", "agent.group_size=1"])
+    with pytest.raises(ValueError, match="agent.lr_decay=1.5, expected a fraction"):
+        compose(["agent.lr_decay=1.5"])
 
 
 def test_budget_conditioned_policy_trains_and_evaluates(tmp_path):
