@@ -155,6 +155,8 @@ def compose(overrides: list[str]) -> DictConfig:
         raise ValueError("bad configuration: agent.group_size is for agent=reinforce (PPO's critic is its baseline); drop it or set 1")
     if a.self_critical and (a.name != "reinforce" or a.group_size < 2):
         raise ValueError("bad configuration: agent.self_critical needs agent=reinforce with agent.group_size >= 2 (the greedy plan takes one slot of each group)")
+    if a.lr_decay and a.name != "reinforce":
+        raise ValueError("bad configuration: agent.lr_decay is for agent=reinforce (PPO keeps SB3's constant learning rate); drop it")
     if not 0.0 <= a.lr_decay <= 1.0:
         raise ValueError(f"bad configuration: agent.lr_decay={a.lr_decay}, expected a fraction in [0, 1]")
     if a.policies < 1:

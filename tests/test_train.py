@@ -239,6 +239,8 @@ def test_group_size_and_policies_are_validated_at_compose():
         compose(["agent.self_critical=true", "agent.group_size=1"])
     with pytest.raises(ValueError, match="agent.lr_decay=1.5, expected a fraction"):
         compose(["agent.lr_decay=1.5"])
+    with pytest.raises(ValueError, match="agent.lr_decay is for agent=reinforce"):
+        compose(["agent=ppo", "+agent.lr_decay=0.5"])
 
 
 def test_budget_conditioned_policy_trains_and_evaluates(tmp_path):
