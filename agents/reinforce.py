@@ -83,6 +83,11 @@ def leave_one_out_mean(r: torch.Tensor, k: int) -> torch.Tensor:
     return ((g.sum(1, keepdim=True) - g) / (k - 1)).reshape(-1)
 
 
+def group_first(r: torch.Tensor, k: int) -> torch.Tensor:
+    """For rewards in consecutive groups of ``k``, each one's group's first reward (the self-critical baseline)."""
+    return r.view(-1, k)[:, :1].expand(-1, k).reshape(-1)
+
+
 @dataclass
 class ReinforceConfig:
     lr: float = 3e-3
@@ -150,7 +155,7 @@ class Reinforce:
             adv = r - v.detach()
             v_loss = ((v - r) ** 2).mean()
         elif greedy is not None:
-            adv = r - r.view(-1, self.group_size)[:, :1].expand(-1, self.group_size).reshape(-1)
+            adv = r - group_first(r, self.group_size)
             v_loss = torch.zeros(())
         else:
             adv = r - leave_one_out_mean(r, self.group_size)

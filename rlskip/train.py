@@ -225,7 +225,9 @@ def select_policy(constraint, rows: list[dict]) -> int:
 
 
 def train_policy(cfg, c: int, cdir: Path, model, tokenizer, task, train_ex, latency_ex, rt, ref, generator_dir: Path):
-    """Train (or finish, when ``cdir`` holds its ``trainer_state.pt``) policy ``c``; returns its learner.
+    """Train (or finish, when ``cdir`` holds its ``trainer_state.pt``) policy ``c``.
+
+    Returns ``(learner, backbone reference, stats of its last batch)``.
 
     Every policy has its own seed (:func:`policy_seed`), data stream, TensorBoard events and
     checkpoints under ``cdir``, so a run stopped anywhere resumes with the policy it was training. In
@@ -288,12 +290,11 @@ def train_policy(cfg, c: int, cdir: Path, model, tokenizer, task, train_ex, late
     logger.close()
     if not stats:  # finished before this (resumed) process: the last checkpoint holds its final batch
         stats = {k: v for k, v in load_checkpoint(cdir, "last").extra.items() if k != "threshold"}
-    learner.last_stats = stats
-    return learner, ref
+    return learner, ref, stats
 
 
 def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
-    from rlskip.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+    from rlskip.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
     from rlskip.evaluation import calibrate_threshold
     from rlskip.runtime import get_runtime
 
@@ -324,7 +325,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
             load_generator_weights(model, generator_dir if (cdir / "trainer_state.pt").is_file() else None, start, task)
             ref = backbone_reference(cfg, generator_dir, model, rt)
         t = time.perf_counter()
-        learner, ref = train_policy(cfg, c, cdir, model, tokenizer, task, train_ex, latency_ex, rt, ref, generator_dir)
+        learner, ref, stats = train_policy(cfg, c, cdir, model, tokenizer, task, train_ex, latency_ex, rt, ref, generator_dir)
         seconds["policy"] += time.perf_counter() - t
         t = time.perf_counter()
         threshold, table = calibrate_threshold(
@@ -332,7 +333,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
             budget=eval_budget(cfg), confidence=confidence,
         )
         seconds["calibration"] += time.perf_counter() - t
-        extra = {**learner.last_stats, "threshold": threshold}
+        extra = {**stats, "threshold": threshold}
         save_checkpoint(cdir, learner.policy, rt.space, ref, learner.iteration, extra=extra, name="last")
         chosen = next(r for r in table if r["threshold"] == threshold)
         policies.append((learner.policy, learner.constraint, threshold, table, extra))
@@ -351,8 +352,6 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
         save_checkpoint(run_dir, best_ckpt.build_policy(), rt.space, ref, best_ckpt.step, extra={**best_ckpt.extra, "kept_policy": k}, name="best")
         save_checkpoint(run_dir, policy, rt.space, ref, cfg.agent.iterations, extra={**extra, "kept_policy": k}, name="last")
         if (cdir / "ppo.zip").is_file():
-            from rlskip.checkpoint import atomic_write_bytes
-
             atomic_write_bytes(run_dir / "ppo.zip", (cdir / "ppo.zip").read_bytes())
     t = time.perf_counter()
     summary = final_evaluation(cfg, rt, task, tokenizer, train_ex, eval_ex, policy, threshold)
