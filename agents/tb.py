@@ -1,6 +1,7 @@
 """What every learner logs after a batch of episodes, with Stable-Baselines3's logger (TensorBoard + CSV).
 
-The native learner and PPO record the same keys: ``reward/*``, ``quality/*``, ``cost/flops_ratio``,
+The native learner and PPO record the same keys: ``reward/*``, ``quality/*`` (``quality/margin``: the batch's
+median decision margin), ``cost/flops_ratio``,
 ``constraint/*``, per-candidate ``skip_rate/<name>``, the ``skip_rate/heatmap`` image (layer x sub-layer
 kind) and ``tokens/keep_rate``; ``cost/latency_ratio`` is recorded when measured.
 """
@@ -25,6 +26,7 @@ def batch_stats(infos: list[dict]) -> dict[str, np.ndarray]:
         "reward": np.array([i["reward"] for i in infos], dtype=np.float64),
         "bits": np.stack([np.asarray(i["plan_bits"], dtype=np.float64) for i in infos]),
         "tokens_kept": np.array([i.get("tokens_kept", np.nan) for i in infos], dtype=np.float64),
+        "margin": np.array([i.get("margin", np.nan) for i in infos], dtype=np.float64),
     }
 
 
@@ -71,6 +73,9 @@ def record_batch(logger, space: SkipSpace, stats: dict[str, np.ndarray], constra
     rates = 1.0 - stats["bits"].mean(0)
     for name, r in zip(space.names, rates):
         logger.record(f"skip_rate/{name}", float(r))
+    margins = stats["margin"][np.isfinite(stats["margin"])]
+    if margins.size:
+        logger.record("quality/margin", float(np.median(margins)))  # the decision margin (see SkipRollout.margin)
     if not np.isnan(stats["tokens_kept"]).all():
         logger.record("tokens/keep_rate", float(np.nanmean(stats["tokens_kept"])))
     if image:

@@ -63,6 +63,7 @@ class FullOutput:
 
     text: str | int
     quality: float
+    margin: float = float("inf")  # the full model's decision margin on the instance (see SkipRollout.margin)
 
 
 def check_budget(budget: Budget) -> Budget:
@@ -109,6 +110,7 @@ class SkipRollout:
         budget_in_obs: bool,
         fidelity: str | None,
         policy_flops: float,
+        margin: float = 0.0,
     ) -> None:
         self.runtime = get_runtime(model)
         self.space = self.runtime.space
@@ -136,6 +138,10 @@ class SkipRollout:
             if fidelity.startswith("fidelity"):
                 raise ValueError(f"fidelity takes a base metric such as 'rougeL', got {fidelity!r}")
             get_metric(fidelity)  # fail now, with the list of metrics, rather than at the first step
+        if not (np.isfinite(margin) and margin >= 0.0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+        if margin > 0.0 and not self.is_classification and int(self.gen_kwargs.get("num_beams", 1)) != 1:
+            raise ValueError(f"margin shaping reads greedy decoding's margins; it needs num_beams=1, got {self.gen_kwargs['num_beams']}")
         self.examples = list(examples) if examples is not None else task.load(split, data_files, limit)
         if not self.examples:
             raise ValueError(f"task {task.name!r} gave no examples; check split, data_files and limit")
@@ -144,6 +150,7 @@ class SkipRollout:
         self.budget_in_obs = bool(budget_in_obs)
         self.fidelity = fidelity
         self.policy_flops = float(policy_flops)
+        self.margin = float(margin)
         # Tokenise everything once: stepping must not re-tokenise, and truncation is counted (and logged)
         # once for the whole data set rather than per item.
         self.source_ids, n_cut = encode_examples(tokenizer, self.examples, self.max_source_tokens, task.pair_truncation)
@@ -269,18 +276,37 @@ class SkipRollout:
         keep = torch.as_tensor(actions[:, self.space.n_bits : self.space.n_bits + width] == 1)
         return Plan(self.space, bits, keep)
 
-    def _run(self, obs: Observation, plan: Plan) -> tuple[list[str | int], np.ndarray]:
-        """Execute plans: the outputs (texts, or class ids) and the FLOPs ratio of each row."""
+    def _run(self, obs: Observation, plan: Plan) -> tuple[list[str | int], np.ndarray, np.ndarray]:
+        """Execute plans: the outputs (texts, or class ids), the FLOPs ratio and the decision margin of each row.
+
+        The margin is the gap between the chosen and the runner-up score: of the class logits, or, for
+        generation, the smallest over the greedy decoding steps (NaN under beam search), to 3 decimals.
+        """
         with torch.inference_mode():
             if self.is_classification:
                 logits, _, flops, full = self.runtime.classify(obs, plan)
                 outputs: list[str | int] = logits.argmax(-1).tolist()
+                top = logits.float().topk(min(2, logits.shape[-1]), dim=-1).values
+                margins = top[:, 0] - top[:, -1] if top.shape[-1] == 2 else torch.full_like(top[:, 0], float("inf"))
             else:
                 out = self.runtime.generate(obs, plan, **self.gen_kwargs)
                 flops, full = out.flops, out.full_flops
                 outputs = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+                margins = out.margins if out.margins is not None else torch.full((len(outputs),), float("nan"))
         cost = (flops.double().cpu().numpy() + self.policy_flops) / full.double().cpu().numpy()
-        return outputs, cost
+        # rounded: the rows a batch holds move the last float bits, and an instance's reward must not depend on them
+        return outputs, cost, np.round(margins.double().cpu().numpy(), 3)
+
+    def shaped_quality(self, quality: np.ndarray, margins: np.ndarray, full_margins: np.ndarray) -> np.ndarray:
+        """The quality the reward sees: ``quality`` itself, or with ``margin = m > 0`` scaled by
+        ``min(1, g / min(m, g_full))``, where ``g`` is the output's decision margin and ``g_full`` the full
+        model's on the same instance. An output decoded with less to spare than the full model had (up to ``m``)
+        counts as partly lost, so a learner sees the near-failures of a plan before they fail."""
+        if self.margin <= 0.0:
+            return quality
+        ref = np.minimum(self.margin, full_margins)
+        factor = np.where(ref > 0.0, np.clip(margins / np.where(ref > 0.0, ref, 1.0), 0.0, 1.0), 1.0)
+        return quality * factor
 
     def _quality(self, outputs: list, indices: Sequence[int], full: Sequence[str | int] | None = None) -> list[float]:
         if self.fidelity is not None:
@@ -314,16 +340,19 @@ class SkipRollout:
             )
         else:
             run_obs, run_plan = obs, plan
-        outputs, cost = self._run(run_obs, run_plan)
+        outputs, cost, margins = self._run(run_obs, run_plan)
         if missing:
             full_out = outputs[n:]
             quality = self._quality(full_out, missing, full_out)
-            self.full_outputs.update({i: FullOutput(o, float(q)) for i, o, q in zip(missing, full_out, quality)})
+            self.full_outputs.update(
+                {i: FullOutput(o, float(q), float(g)) for i, o, q, g in zip(missing, full_out, quality, margins[n:])}
+            )
         full = [self.full_outputs[i] for i in indices]
-        outputs, cost = outputs[:n], cost[:n]
+        outputs, cost, margins = outputs[:n], cost[:n], margins[:n]
         quality = np.asarray(self._quality(outputs, indices, [f.text for f in full]), dtype=np.float64)
         quality_full = np.asarray([f.quality for f in full], dtype=np.float64)
-        reward = np.asarray(constraint.reward(quality, quality_full, cost), dtype=np.float64)
+        shaped = self.shaped_quality(quality, margins, np.asarray([f.margin for f in full], dtype=np.float64))
+        reward = np.asarray(constraint.reward(shaped, quality_full, cost), dtype=np.float64)
         if reward.shape != (n,):
             raise ValueError(f"the constraint handler returned rewards of shape {reward.shape}, expected ({n},)")
         # what the runtime keeps: the real tokens the plan keeps, plus every special token
@@ -336,6 +365,7 @@ class SkipRollout:
                 "quality_full": float(quality_full[r]),
                 "cost": float(cost[r]),
                 "reward": float(reward[r]),
+                "margin": float(margins[r]),
                 "plan_bits": bits[r].copy(),
                 "tokens_kept": int(kept[r]),
                 "text": outputs[r],
@@ -353,9 +383,11 @@ class SkipRollout:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             obs = self.observe(chunk)
-            outputs, _ = self._run(obs, Plan(self.space, torch.ones(len(chunk), self.space.n_bits, dtype=torch.bool)))
+            outputs, _, margins = self._run(obs, Plan(self.space, torch.ones(len(chunk), self.space.n_bits, dtype=torch.bool)))
             quality = self._quality(outputs, chunk, outputs)
-            self.full_outputs.update({i: FullOutput(o, float(q)) for i, o, q in zip(chunk, outputs, quality)})
+            self.full_outputs.update(
+                {i: FullOutput(o, float(q), float(g)) for i, o, q, g in zip(chunk, outputs, quality, margins)}
+            )
 
 
 class SkipEnv(gym.Env):
@@ -377,10 +409,11 @@ class SkipEnv(gym.Env):
     scores it with the task (or, with ``fidelity``, against the full model's own output), and ends the
     episode: ``terminated=True``, ``truncated=False``, and the observation returned is the episode's own.
     ``reward = constraint.reward(quality, quality_full, cost)`` where ``cost`` is the FLOPs ratio to the full
-    model on the same input and output lengths (plus ``policy_flops``). ``info`` holds ``quality``,
-    ``quality_full``, ``cost``, ``reward``, ``plan_bits`` (int8 ``[n_bits]``), ``tokens_kept`` (source tokens
-    left after dropping), ``text`` (generated text, or predicted class id), ``text_full`` (the full model's),
-    and the episode's ``index`` and ``budget``. The full model's output and quality are computed once per
+    model on the same input and output lengths (plus ``policy_flops``), and ``quality`` is, with ``margin``,
+    scaled for the reward by the decision margin kept. ``info`` holds ``quality`` (as scored, never scaled),
+    ``quality_full``, ``cost``, ``reward``, ``margin`` (the output's decision margin), ``plan_bits`` (int8
+    ``[n_bits]``), ``tokens_kept`` (source tokens left after dropping), ``text`` (generated text, or
+    predicted class id), ``text_full`` (the full model's), and the episode's ``index`` and ``budget``. The full model's output and quality are computed once per
     instance and cached in :attr:`full_outputs` (keyed by instance index); clear it after changing the
     generator's weights.
 
@@ -419,6 +452,9 @@ class SkipEnv(gym.Env):
             :func:`rlskip.flops.mlp_flops`); 0 leaves the policy out of the cost.
         constraint: the reward handler (see :class:`ConstraintHandler`); default ``rlskip.constraints.Fixed(0.5)``.
         seed: seed of the data order; None draws a random one. ``reset(seed=...)`` replaces it.
+        margin: 0 to reward the quality as scored; ``m > 0`` to scale a correct output's quality, for the reward
+            only, by how much of the full model's decision margin it kept, up to ``m``
+            (:meth:`SkipRollout.shaped_quality`); needs greedy decoding for generation tasks.
     """
 
     metadata = {"render_modes": []}
@@ -442,10 +478,11 @@ class SkipEnv(gym.Env):
         policy_flops: float = 0.0,
         constraint: ConstraintHandler | None = None,
         seed: int | None = None,
+        margin: float = 0.0,
     ) -> None:
         self.rollout = SkipRollout(
             model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
-            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops,
+            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin,
         )
         self.observation_space = self.rollout.observation_space
         self.action_space = self.rollout.action_space

@@ -58,7 +58,7 @@ class SkipVecEnv(VecEnv):
 
     Args:
         model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
-        gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, constraint, seed: as for
+        gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, constraint, seed, margin: as for
             :class:`~rlskip.envs.skip_env.SkipEnv`.
         num_envs: number of parallel slots per step (the batch size of the runtime calls).
         group_size: slots per drawn instance (a divisor of ``num_envs``); a group's slots share the instance
@@ -86,6 +86,7 @@ class SkipVecEnv(VecEnv):
         constraint: ConstraintHandler | None = None,
         seed: int | None = None,
         group_size: int = 1,
+        margin: float = 0.0,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
@@ -94,7 +95,7 @@ class SkipVecEnv(VecEnv):
         self.group_size = int(group_size)
         self.rollout = SkipRollout(
             model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
-            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops,
+            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin,
         )
         self.render_mode = None  # read by VecEnv.__init__ through get_attr
         self.constraint = constraint if constraint is not None else default_constraint()

@@ -29,6 +29,7 @@ class EnvConfig:
     max_new_tokens: int = 40
     num_beams: int = 1
     budget_in_obs: bool = False
+    margin: float = 0.0  # > 0: the reward scales a correct output's quality by the decision margin it kept, up to this
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
 

@@ -246,6 +246,7 @@ def train_policy(cfg, c: int, cdir: Path, model, tokenizer, task, train_ex, late
     env = SkipVecEnv(
         model, tokenizer, task, train_ex, num_envs=cfg.agent.n_envs, max_source_tokens=cfg.env.max_source_tokens,
         gen_kwargs=gen_kwargs(cfg), budget_in_obs=cfg.env.budget_in_obs, seed=seed, group_size=cfg.agent.group_size,
+        margin=cfg.env.margin,
     )
     constraint = build_constraint(cfg.constraint)
     state = torch.load(cdir / "trainer_state.pt", weights_only=False) if (cdir / "trainer_state.pt").is_file() else None

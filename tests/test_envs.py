@@ -304,11 +304,13 @@ def test_bad_inputs_fail_with_clear_errors(model, tokenizer, task, examples):
         SkipEnv(model, tokenizer, task, [])
 
 
-def test_ppo_runs_on_the_vec_env(model, tokenizer, task, examples):
+def test_ppo_runs_on_the_vec_env(model, tokenizer, task, examples, tmp_path):
     from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import configure
 
     vec = make_vec(model, tokenizer, task, examples, num_envs=4, seed=7)
     agent = PPO("MultiInputPolicy", vec, n_steps=2, batch_size=8, n_epochs=1, seed=0, device="cpu")
+    agent.set_logger(configure(str(tmp_path), ["csv"]))  # SB3's default logger would leave a folder in /tmp
     agent.learn(total_timesteps=8)
     assert agent.num_timesteps == 8 and vec.get_state()["episodes"] >= 8
 
@@ -335,3 +337,42 @@ def test_policy_decides_at_inference_as_it_saw_in_training(model, tokenizer, tas
         n = int(obs["token_mask"].sum())
         torch.testing.assert_close(deployed[0], trained[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(deployed[1][:, :n], trained[1][:, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_margin_shapes_the_reward_only(model, tokenizer, task, examples):
+    """With ``margin = m`` the reward sees quality x min(1, g / min(m, g_full)); infos keep the quality as scored."""
+    from rlskip.constraints import Lexicographic
+
+    lex = Lexicographic(max_quality_drop=0.01, penalty=50.0)
+    kw = dict(num_envs=8, max_source_tokens=MAX_SRC, max_new_tokens=MAX_NEW, fidelity="exact_match", seed=4, constraint=lex)
+    plain = SkipVecEnv(model, tokenizer, task, examples, **kw)
+    shaped = SkipVecEnv(model, tokenizer, task, examples, margin=100.0, **kw)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for _ in range(4):
+        plain.reset()
+        shaped.reset()
+        actions = (rng.random((8, plain.action_space.n)) < 0.95).astype(np.int8)
+        _, r0, _, i0 = plain.step(actions)
+        _, r1, _, i1 = shaped.step(actions)
+        q = np.array([i["quality"] for i in i1])
+        assert q.tolist() == [i["quality"] for i in i0]
+        g = np.array([i["margin"] for i in i1])
+        assert g.tolist() == [i["margin"] for i in i0] and np.isfinite(g).all() and (g >= 0).all()
+        g_full = np.array([shaped.full_outputs[i["index"]].margin for i in i1])
+        qf = np.array([i["quality_full"] for i in i1])
+        cost = np.array([i["cost"] for i in i1])
+        np.testing.assert_allclose(r0, lex.reward(q, qf, cost), rtol=1e-6)
+        np.testing.assert_allclose(r1, lex.reward(q * np.minimum(1.0, g / np.minimum(100.0, g_full)), qf, cost), rtol=1e-6)
+        changed += int((r1 < r0 - 1e-6).sum())
+        assert (r1 <= r0 + 1e-6).all()  # shaping only ever takes quality away
+    assert changed > 0, "some correct outputs should have been decoded with less than the margin to spare"
+    # the full model's own margin is cached with its output, and its outputs keep all of their quality
+    assert all(np.isfinite(f.margin) for f in shaped.full_outputs.values())
+
+
+def test_margin_errors(model, tokenizer, task, examples):
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+        make_env(model, tokenizer, task, examples, margin=-1.0)
+    with pytest.raises(ValueError, match="needs num_beams=1"):
+        make_env(model, tokenizer, task, examples, margin=1.0, gen_kwargs={"num_beams": 2})

@@ -34,6 +34,28 @@ def test_all_ones_greedy_and_beam_equal_hf_generate(tiny_bart, mixed_batch):
         assert torch.allclose(out.flops_ratio, torch.ones_like(out.flops_ratio))
 
 
+def test_greedy_margins_equal_the_gap_in_hf_generate_scores(tiny_bart, mixed_batch):
+    """A row's margin is the smallest top-1 minus top-2 score over the steps it decoded, as HF scores them."""
+    rt = get_runtime(tiny_bart)
+    obs = rt.observe(mixed_batch.input_ids, mixed_batch.attention_mask)
+    kw = dict(max_new_tokens=30, min_new_tokens=3)
+    hf = tiny_bart.generate(
+        mixed_batch.input_ids, attention_mask=mixed_batch.attention_mask, output_scores=True, return_dict_in_generate=True, **kw
+    )
+    out = rt.generate(obs, Plan.all_ones(rt.space, obs.batch_size), **kw)
+    assert torch.equal(out.sequences, hf.sequences)
+    top = torch.stack(hf.scores, 1).float().topk(2, dim=-1).values  # [rows, steps, 2]
+    gaps = top[..., 0] - top[..., 1]
+    expected = torch.stack([gaps[r, : int(out.steps[r])].min() for r in range(obs.batch_size)])
+    assert torch.allclose(out.margins, expected, atol=1e-4)
+    assert len(set(out.steps.tolist())) > 1  # rows of different lengths: a finished row's later steps do not count
+    # a plan that skips changes the margins; beam search reports none
+    bits = torch.ones(obs.batch_size, rt.space.n_bits, dtype=torch.bool)
+    bits[:, -1] = False
+    assert not torch.allclose(rt.generate(obs, Plan(rt.space, bits), **kw).margins, out.margins)
+    assert rt.generate(obs, Plan.all_ones(rt.space, obs.batch_size), max_new_tokens=10, **{k: v for k, v in BEAM.items()}).margins is None
+
+
 def test_all_ones_teacher_forced_logits_match_hf(tiny_bart, mixed_batch, bart_tokenizer):
     rt = get_runtime(tiny_bart)
     labels = bart_tokenizer(["a summary", "hi there my friend", "x", "one two three", "rates"], return_tensors="pt", padding=True).input_ids

@@ -70,7 +70,7 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
         ea = EventAccumulator(str(run / "policies" / str(c) / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
         scalars = set(ea.Tags()["scalars"])
         expected = {
-            "reward/mean", "quality/policy", "quality/full", "cost/flops_ratio", "cost/latency_ratio", "constraint/lambda",
+            "reward/mean", "quality/policy", "quality/full", "quality/margin", "cost/flops_ratio", "cost/latency_ratio", "constraint/lambda",
             "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/entropy",
             "skip_rate/dec.0.ffn", "skip_rate/enc.1.attn",
         }

@@ -308,14 +308,15 @@ class BartRuntime(Runtime):
         with torch.no_grad():
             memory, mem_mask = self._encode(obs, plan)
             dec = _CachedDecoder(self, memory, mem_mask, plan.bits, s.num_beams, s.max_length)
+            margins = None
             if s.num_beams == 1:
-                seqs, steps = greedy_search(dec, obs.batch_size, s, device)
+                seqs, steps, margins = greedy_search(dec, obs.batch_size, s, device)
             else:
                 seqs, steps = beam_search(dec, obs.batch_size, s, device)
         kept = mem_mask.sum(1)
         fixed, per = self._flops_table(obs, kept, steps, s.num_beams)
         full_fixed, full_per = self._flops_table(obs, obs.lengths, steps, s.num_beams)
-        return GenerateOutput(seqs, steps, plan_flops(fixed, per, plan.bits), full_fixed + full_per.sum(1), kept)
+        return GenerateOutput(seqs, steps, plan_flops(fixed, per, plan.bits), full_fixed + full_per.sum(1), kept, margins)
 
     def _flops_table(self, obs, kept, steps, beams, teacher_forced=False, lm_head=True):
         return encoder_decoder_flops(
@@ -357,7 +358,7 @@ class BartRuntime(Runtime):
         with torch.no_grad():
             memory, mem_mask = self._encode(obs, ones)
             dec = _EarlyExitDecoder(self, memory, mem_mask, float(threshold), s.max_length)
-            seqs, steps = greedy_search(dec, obs.batch_size, s, obs.hidden.device)
+            seqs, steps, margins = greedy_search(dec, obs.batch_size, s, obs.hidden.device)
         d, f, vocab, n_layers = self.dims.d_model, self.dims.dec_ffn, self.dims.vocab, self.dims.decoder_layers
         full_fixed, full_per = self._flops_table(obs, obs.lengths, steps, 1)
         full = full_fixed + full_per.sum(1)
@@ -372,7 +373,7 @@ class BartRuntime(Runtime):
         run = dec.layers_run.cpu().to(torch.float64) * valid
         layer_cost = 12 * d * d + 4 * (t[None, :] + 1) * d + 4 * sk[:, None] * d + 4 * d * f  # one layer at step t
         per_step = run * (layer_cost + 2 * d * vocab) + (n_layers * valid - run) * 4 * d * d
-        return GenerateOutput(seqs, steps, fixed + per_step.sum(1), full, obs.lengths)
+        return GenerateOutput(seqs, steps, fixed + per_step.sum(1), full, obs.lengths, margins)
 
 
 class _CachedDecoder:

@@ -62,6 +62,9 @@ class GenerateOutput:
         flops: ``[batch]`` analytic FLOPs executed for each instance under its plan.
         full_flops: ``[batch]`` FLOPs of the full model on the same source length, steps and beams.
         source_kept: ``[batch]`` source tokens left after token dropping.
+        margins: ``[batch]`` for greedy decoding, the smallest gap over each row's steps between the chosen
+            token's score and the runner-up's (see :func:`rlskip.runtime.search.greedy_search`); None for
+            beam search.
     """
 
     sequences: torch.Tensor
@@ -69,6 +72,7 @@ class GenerateOutput:
     flops: torch.Tensor
     full_flops: torch.Tensor
     source_kept: torch.Tensor
+    margins: torch.Tensor | None = None
 
     @property
     def flops_ratio(self) -> torch.Tensor:

@@ -125,18 +125,31 @@ def apply_processors(procs: LogitsProcessorList, ids: torch.Tensor, scores: torc
     return scores
 
 
-def greedy_search(dec: SkipDecoder, n_rows: int, s: SearchSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding. Returns ``(sequences [rows, len], steps [rows])``; finished rows are padded."""
+def greedy_search(
+    dec: SkipDecoder, n_rows: int, s: SearchSettings, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy decoding. Returns ``(sequences [rows, len], steps [rows], margins [rows])``; finished rows are padded.
+
+    A row's margin is the smallest gap, over the steps it decoded (EOS included), between the score of the
+    token it chose and the runner-up's (scores after the logits processors; the same gap in log-probabilities).
+    It says how close the row came to decoding something else: a row whose every step has a positive gap
+    decodes the same tokens under any change of its logits smaller than half of it. ``inf`` when only one
+    token was ever allowed.
+    """
     procs = logits_processors(s, device)
     ids = torch.full((n_rows, s.max_length), s.pad if s.pad is not None else 0, dtype=torch.long, device=device)
     ids[:, 0] = s.start
     eos = torch.tensor(s.eos, device=device) if s.eos else None
     unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
     steps = torch.zeros(n_rows, dtype=torch.long, device=device)
+    margins = torch.full((n_rows,), float("inf"), device=device)
     cur = 1
     while True:
         logits = dec.step(ids[:, cur - 1])
-        scores = apply_processors(procs, ids[:, :cur], logits.float()) if procs else logits
+        scores = apply_processors(procs, ids[:, :cur], logits.float()) if procs else logits.float()
+        top = scores.topk(2, dim=-1).values
+        gap = torch.nan_to_num(top[:, 0] - top[:, 1], nan=float("inf"))
+        margins = torch.where(unfinished, torch.minimum(margins, gap), margins)
         nxt = scores.argmax(-1)
         if eos is not None:
             nxt = torch.where(unfinished, nxt, s.pad)
@@ -147,7 +160,7 @@ def greedy_search(dec: SkipDecoder, n_rows: int, s: SearchSettings, device: torc
             unfinished &= ~torch.isin(nxt, eos)
         if cur >= s.max_length or not bool(unfinished.any()):
             break
-    return ids[:, :cur], steps
+    return ids[:, :cur], steps, margins
 
 
 def beam_search(
