@@ -289,7 +289,7 @@ class SkipRollout:
                 top = logits.float().topk(min(2, logits.shape[-1]), dim=-1).values
                 margins = top[:, 0] - top[:, -1] if top.shape[-1] == 2 else torch.full_like(top[:, 0], float("inf"))
             else:
-                out = self.runtime.generate(obs, plan, **self.gen_kwargs)
+                out = self.runtime.generate(obs, plan, return_margins=True, **self.gen_kwargs)
                 flops, full = out.flops, out.full_flops
                 outputs = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
                 margins = out.margins if out.margins is not None else torch.full((len(outputs),), float("nan"))

@@ -42,7 +42,7 @@ def test_greedy_margins_equal_the_gap_in_hf_generate_scores(tiny_bart, mixed_bat
     hf = tiny_bart.generate(
         mixed_batch.input_ids, attention_mask=mixed_batch.attention_mask, output_scores=True, return_dict_in_generate=True, **kw
     )
-    out = rt.generate(obs, Plan.all_ones(rt.space, obs.batch_size), **kw)
+    out = rt.generate(obs, Plan.all_ones(rt.space, obs.batch_size), return_margins=True, **kw)
     assert torch.equal(out.sequences, hf.sequences)
     top = torch.stack(hf.scores, 1).float().topk(2, dim=-1).values  # [rows, steps, 2]
     gaps = top[..., 0] - top[..., 1]
@@ -52,8 +52,11 @@ def test_greedy_margins_equal_the_gap_in_hf_generate_scores(tiny_bart, mixed_bat
     # a plan that skips changes the margins; beam search reports none
     bits = torch.ones(obs.batch_size, rt.space.n_bits, dtype=torch.bool)
     bits[:, -1] = False
-    assert not torch.allclose(rt.generate(obs, Plan(rt.space, bits), **kw).margins, out.margins)
-    assert rt.generate(obs, Plan.all_ones(rt.space, obs.batch_size), max_new_tokens=10, **{k: v for k, v in BEAM.items()}).margins is None
+    assert not torch.allclose(rt.generate(obs, Plan(rt.space, bits), return_margins=True, **kw).margins, out.margins)
+    ones = Plan.all_ones(rt.space, obs.batch_size)
+    assert rt.generate(obs, ones, return_margins=True, max_new_tokens=10, **BEAM).margins is None
+    plain = rt.generate(obs, ones, **kw)  # not asked for: not computed, and the tokens are the same
+    assert plain.margins is None and torch.equal(plain.sequences, out.sequences)
 
 
 def test_all_ones_teacher_forced_logits_match_hf(tiny_bart, mixed_batch, bart_tokenizer):

@@ -293,12 +293,13 @@ class BartRuntime(Runtime):
         return logits, loss, plan_flops(fixed, per, plan.bits), full_fixed + full_per.sum(1)
 
     # ------------------------------------------------------------------------------------------------
-    def generate(self, obs: Observation, plan: Plan, **gen_kwargs) -> GenerateOutput:
+    def generate(self, obs: Observation, plan: Plan, return_margins: bool = False, **gen_kwargs) -> GenerateOutput:
         """Greedy or beam-search generation with each instance's plan held for every step and beam.
 
         Keyword arguments are Hugging Face generation options (``max_new_tokens``, ``num_beams``,
         ``length_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``early_stopping``, ...) merged over
         the model's ``generation_config``. With an all-ones plan the tokens equal ``model.generate()``'s.
+        ``return_margins``: fill ``GenerateOutput.margins`` (greedy decoding only; None under beam search).
         """
         self.check_plan(obs, plan)
         if self.is_classifier:
@@ -310,7 +311,7 @@ class BartRuntime(Runtime):
             dec = _CachedDecoder(self, memory, mem_mask, plan.bits, s.num_beams, s.max_length)
             margins = None
             if s.num_beams == 1:
-                seqs, steps, margins = greedy_search(dec, obs.batch_size, s, device)
+                seqs, steps, margins = greedy_search(dec, obs.batch_size, s, device, return_margins)
             else:
                 seqs, steps = beam_search(dec, obs.batch_size, s, device)
         kept = mem_mask.sum(1)
@@ -358,7 +359,7 @@ class BartRuntime(Runtime):
         with torch.no_grad():
             memory, mem_mask = self._encode(obs, ones)
             dec = _EarlyExitDecoder(self, memory, mem_mask, float(threshold), s.max_length)
-            seqs, steps, margins = greedy_search(dec, obs.batch_size, s, obs.hidden.device)
+            seqs, steps, _ = greedy_search(dec, obs.batch_size, s, obs.hidden.device)
         d, f, vocab, n_layers = self.dims.d_model, self.dims.dec_ffn, self.dims.vocab, self.dims.decoder_layers
         full_fixed, full_per = self._flops_table(obs, obs.lengths, steps, 1)
         full = full_fixed + full_per.sum(1)
@@ -373,7 +374,7 @@ class BartRuntime(Runtime):
         run = dec.layers_run.cpu().to(torch.float64) * valid
         layer_cost = 12 * d * d + 4 * (t[None, :] + 1) * d + 4 * sk[:, None] * d + 4 * d * f  # one layer at step t
         per_step = run * (layer_cost + 2 * d * vocab) + (n_layers * valid - run) * 4 * d * d
-        return GenerateOutput(seqs, steps, fixed + per_step.sum(1), full, obs.lengths, margins)
+        return GenerateOutput(seqs, steps, fixed + per_step.sum(1), full, obs.lengths)
 
 
 class _CachedDecoder:

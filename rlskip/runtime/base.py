@@ -62,9 +62,9 @@ class GenerateOutput:
         flops: ``[batch]`` analytic FLOPs executed for each instance under its plan.
         full_flops: ``[batch]`` FLOPs of the full model on the same source length, steps and beams.
         source_kept: ``[batch]`` source tokens left after token dropping.
-        margins: ``[batch]`` for greedy decoding, the smallest gap over each row's steps between the chosen
-            token's score and the runner-up's (see :func:`rlskip.runtime.search.greedy_search`); None for
-            beam search.
+        margins: ``[batch]`` when asked for (``generate(..., return_margins=True)``) under greedy decoding, the
+            smallest gap over each row's steps between the chosen token's score and the runner-up's (see
+            :func:`rlskip.runtime.search.greedy_search`); None otherwise.
     """
 
     sequences: torch.Tensor
@@ -90,8 +90,9 @@ class Runtime(ABC):
         """Run the embeddings and the fixed-on first layer."""
 
     @abstractmethod
-    def generate(self, obs: Observation, plan: Plan, **gen_kwargs) -> GenerateOutput:
-        """Generate under per-instance plans held for every step and beam."""
+    def generate(self, obs: Observation, plan: Plan, return_margins: bool = False, **gen_kwargs) -> GenerateOutput:
+        """Generate under per-instance plans held for every step and beam (with ``return_margins``, greedy
+        decoding also reports each row's decision margin)."""
 
     @abstractmethod
     def forward(

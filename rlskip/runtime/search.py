@@ -126,9 +126,10 @@ def apply_processors(procs: LogitsProcessorList, ids: torch.Tensor, scores: torc
 
 
 def greedy_search(
-    dec: SkipDecoder, n_rows: int, s: SearchSettings, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy decoding. Returns ``(sequences [rows, len], steps [rows], margins [rows])``; finished rows are padded.
+    dec: SkipDecoder, n_rows: int, s: SearchSettings, device: torch.device, return_margins: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Greedy decoding. Returns ``(sequences [rows, len], steps [rows], margins [rows] or None)``; finished rows
+    are padded. Margins cost a few small operations per step, so they are computed only with ``return_margins``.
 
     A row's margin is the smallest gap, over the steps it decoded (EOS included), between the score of the
     token it chose and the runner-up's (scores after the logits processors; the same gap in log-probabilities).
@@ -142,14 +143,15 @@ def greedy_search(
     eos = torch.tensor(s.eos, device=device) if s.eos else None
     unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
     steps = torch.zeros(n_rows, dtype=torch.long, device=device)
-    margins = torch.full((n_rows,), float("inf"), device=device)
+    margins = torch.full((n_rows,), float("inf"), device=device) if return_margins else None
     cur = 1
     while True:
         logits = dec.step(ids[:, cur - 1])
-        scores = apply_processors(procs, ids[:, :cur], logits.float()) if procs else logits.float()
-        top = scores.topk(2, dim=-1).values
-        gap = torch.nan_to_num(top[:, 0] - top[:, 1], nan=float("inf"))
-        margins = torch.where(unfinished, torch.minimum(margins, gap), margins)
+        scores = apply_processors(procs, ids[:, :cur], logits.float()) if procs else logits
+        if return_margins:
+            top = scores.float().topk(2, dim=-1).values
+            gap = torch.nan_to_num(top[:, 0] - top[:, 1], nan=float("inf"))
+            margins = torch.where(unfinished, torch.minimum(margins, gap), margins)
         nxt = scores.argmax(-1)
         if eos is not None:
             nxt = torch.where(unfinished, nxt, s.pad)
