@@ -452,7 +452,7 @@ class SkipEnv(gym.Env):
             :func:`rlskip.flops.mlp_flops`); 0 leaves the policy out of the cost.
         constraint: the reward handler (see :class:`ConstraintHandler`); default ``rlskip.constraints.Fixed(0.5)``.
         seed: seed of the data order; None draws a random one. ``reset(seed=...)`` replaces it.
-        margin: 0 to reward the quality as scored; ``m > 0`` to scale a correct output's quality, for the reward
+        margin: 0 to reward the quality as scored; ``m > 0`` to scale an output's quality, for the reward
             only, by how much of the full model's decision margin it kept, up to ``m``
             (:meth:`SkipRollout.shaped_quality`); needs greedy decoding for generation tasks.
     """

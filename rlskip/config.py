@@ -29,7 +29,7 @@ class EnvConfig:
     max_new_tokens: int = 40
     num_beams: int = 1
     budget_in_obs: bool = False
-    margin: float = 0.0  # > 0: the reward scales a correct output's quality by the decision margin it kept, up to this
+    margin: float = 0.0  # > 0: the reward scales quality by min(1, decision margin / min(this, the full model's margin))
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
