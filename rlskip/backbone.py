@@ -1,68 +1,85 @@
-"""Building or loading the generator (backbone) and its tokenizer.
+"""Loading a backbone (generator or classifier) and its tokenizer from a hub id, a local folder or a GGUF file.
 
-``synthetic-small`` is built from a config for the embedded synthetic task (no download). Anything else is
-a Hugging Face hub id or a local model folder, loaded with ``from_pretrained``; when the hub cannot be
+The model class follows the checkpoint's config: an encoder-decoder loads as a seq2seq LM, anything else as a
+causal LM, and ``head="classifier"`` as a sequence classifier. A path ending in ``.gguf`` is a quantised
+single-file checkpoint (transformers dequantises it; needs the ``gguf`` package). When the hub cannot be
 reached the error is one line naming the overrides that point at local files instead.
 """
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-SYNTHETIC_SMALL = "synthetic-small"
+HEADS = ("lm", "classifier")
 
 
 class BackboneError(ValueError):
     """A backbone that cannot be built or loaded (one line, says what to do)."""
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None):
-    """The tokenizer of a backbone (the synthetic task's own for ``synthetic-small``)."""
-    if name_or_path == SYNTHETIC_SMALL:
-        from rlskip.envs.tasks.synthetic import synthetic_tokenizer
+def _source(name_or_path: str) -> tuple[str, dict, bool]:
+    """``(name or folder, extra from_pretrained kwargs, whether it is local)`` for a hub id, folder or GGUF file."""
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if name_or_path.endswith(".gguf"):
+        if not path.is_file():
+            raise BackboneError(f"GGUF file not found: {name_or_path}")
+        return str(path.parent), {"gguf_file": path.name}, True
+    if looks_local and not path.is_dir():
+        raise BackboneError(f"backbone folder not found: {name_or_path}")
+    return (str(path) if looks_local else name_or_path), {}, looks_local
 
-        return synthetic_tokenizer()
+
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    """The tokenizer of a backbone (hub id, folder, or GGUF file)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, name_or_path, revision, what="tokenizer")
+    name, extra, local = _source(name_or_path)
+    return _from_pretrained(AutoTokenizer, name, revision, local, "tokenizer", **extra)
 
 
-def load_backbone(name_or_path: str, kind: str = "generation", num_labels: int | None = None, revision: str | None = None, seed: int = 0):
-    """The generator model: seq2seq LM for generation tasks, sequence classifier for classification tasks.
+def load_backbone(name_or_path: str, head: str = "lm", num_labels: int | None = None, revision: str | None = None):
+    """The backbone model, in eval mode.
 
     Args:
-        name_or_path: hub id, local folder, or ``synthetic-small``.
-        kind: ``"generation"`` or ``"classification"`` (the task's kind).
-        num_labels: classes, for classification.
+        name_or_path: hub id, local folder, or GGUF file.
+        head: ``"lm"`` (generation: seq2seq or causal LM, by the config) or ``"classifier"`` (sequence
+            classification with ``num_labels`` classes).
+        num_labels: classes, for a classifier.
         revision: hub revision (branch, tag or commit).
-        seed: seeds the initialisation of a built model.
     """
-    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, BartForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    if name_or_path == SYNTHETIC_SMALL:
-        if kind != "generation":
-            raise BackboneError("the synthetic-small backbone is a generator; pick a classification backbone for GLUE")
-        from rlskip.envs.tasks.synthetic import small_bart_config
+    if head not in HEADS:
+        raise BackboneError(f"head must be one of {list(HEADS)}, got {head!r}")
+    name, extra, local = _source(name_or_path)
+    config = _from_pretrained(AutoConfig, name, revision, local, "model config", **extra)
+    if head == "classifier":
+        cls, kwargs = AutoModelForSequenceClassification, {"num_labels": num_labels} if num_labels else {}
+    else:
+        cls, kwargs = (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM), {}
+    return _from_pretrained(cls, name, revision, local, "model", **extra, **kwargs).eval()
 
-        torch.manual_seed(seed)
-        return BartForConditionalGeneration(small_bart_config())
-    if kind == "classification":
-        return _from_pretrained(AutoModelForSequenceClassification, name_or_path, revision, num_labels=num_labels)
-    return _from_pretrained(AutoModelForSeq2SeqLM, name_or_path, revision)
 
+def _from_pretrained(cls, name: str, revision: str | None, local: bool, what: str, **kwargs):
+    from transformers.utils import logging as hf_logging
 
-def _from_pretrained(cls, name_or_path: str, revision: str | None, what: str = "model", **kwargs):
-    from pathlib import Path
-
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise BackboneError(f"backbone folder not found: {name_or_path}")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # per-tensor loading bars, not ours to print
     try:
-        return cls.from_pretrained(name_or_path, revision=revision, **kwargs)
-    except (OSError, ValueError) as e:
-        if looks_local:
-            raise BackboneError(f"cannot load the {what} from {name_or_path}: {str(e).splitlines()[0]}") from None
+        return cls.from_pretrained(name, revision=revision, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            raise BackboneError(f"cannot load the {what} from {name}{_gguf_note(kwargs)}: {first}") from None
         raise BackboneError(
-            f"cannot load {name_or_path} from the Hugging Face hub (offline or unreachable); point "
-            f"backbone.name_or_path (and backbone.tokenizer) at a local model folder and env.data_files at local data"
+            f"cannot load {name} from the Hugging Face hub (offline or unreachable); point "
+            f"backbone.name_or_path (and backbone.tokenizer) at a local model folder or GGUF file and env.data_files at local data"
         ) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _gguf_note(kwargs: dict) -> str:
+    return f"/{kwargs['gguf_file']}" if "gguf_file" in kwargs else ""

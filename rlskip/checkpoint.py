@@ -33,7 +33,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rlskip.agents.policy import SkipPolicy
+from rlskip.policy import SkipPolicy
 from rlskip.runtime import get_runtime
 from rlskip.space import SkipSpace
 

@@ -1,18 +1,23 @@
-"""The training configuration: a structured schema over Hydra's config groups.
+"""Configuration schemas, composed with Hydra for every entry point (``train``, ``evaluate``, ``generate``).
 
-``configs/config.yaml`` and the groups ``env/``, ``backbone/``, ``agent/``, ``constraint/`` hold the values;
-the dataclasses below are the schema, so an unknown key or a wrong type fails before anything runs. Configs
-are composed with Hydra's Compose API (not ``@hydra.main``) so that every configuration error reaches the
-user as one line, and the run directory is ours to lay out (and to resume).
+``configs/`` holds ``config.yaml`` (training) and the groups ``env/`` and ``backbone/`` (what a task and a
+model are); ``configs/entry/`` holds ``evaluate.yaml`` and ``generate.yaml``. The dataclasses below are the schemas and hold every
+default in one place; each agent and each constraint has its own schema, registered as the options of the
+``agent`` and ``constraint`` groups, so a key another option owns is refused as unknown. Configs are composed
+with Hydra's Compose API (not ``@hydra.main``) so that every configuration error reaches the user as one
+line naming the key, before anything is loaded or written.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -28,7 +33,6 @@ class EnvConfig:
     max_source_tokens: int = 64
     max_new_tokens: int = 40
     num_beams: int = 1
-    budget_in_obs: bool = False
     margin: float = 0.0  # > 0: the reward scales quality by min(1, decision margin / min(this, the full model's margin))
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -44,63 +48,117 @@ class WarmupConfig:
 
 @dataclass
 class BackboneConfig:
-    name_or_path: str = "synthetic-small"  # a hub id, a local folder, or synthetic-small (built here)
+    name_or_path: str = "synthetic-small"  # a hub id, a local folder, a GGUF file, or synthetic-small (built here)
     tokenizer: Optional[str] = None  # defaults to name_or_path
     revision: Optional[str] = None
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
 
+# ---- agents: one schema each ----------------------------------------------------------------------------
 @dataclass
 class AgentConfig:
-    name: str = "reinforce"  # reinforce | ppo
-    n_envs: int = 32
+    """What every learner reads."""
+
+    name: str = MISSING
+    n_envs: int = 32  # slots per batched rollout
     iterations: int = 1500
     lr: float = 3e-3
     hidden: int = 64
     entropy_coef: float = 0.01
     value_coef: float = 0.5
-    token_head: bool = False
-    length_input: bool = True  # the policy also reads log(1 + source length)
-    group_size: int = 1  # reinforce: plans sampled per instance; > 1 uses the leave-one-out baseline (yaml: 4)
-    normalize_advantage: bool = True  # scale each batch's advantages to unit spread (both agent yamls: false)
-    self_critical: bool = False  # reinforce, group_size > 1: each group's first slot plays the greedy plan, the baseline of the rest
-    lr_decay: float = 0.0  # reinforce: the learning rate falls linearly to 0 over this last fraction of the iterations
-    policies: int = 1  # policies trained from independent seeds; calibration keeps the best (reinforce yaml: 2)
-    n_steps: int = 4  # ppo only
-    n_epochs: int = 4  # ppo only
-    clip_range: float = 0.2  # ppo only
+    max_grad_norm: float = 1.0
+    token_head: bool = False  # decide per input token too (token dropping)
+    length_input: bool = True  # the policy also reads log(1 + input length)
+    # Scale each batch's advantages to unit spread. Off: it rescales every batch by its own spread, which undoes
+    # the constraint's exchange rate between quality and compute (docs/experiments.md, 2026-10).
+    normalize_advantage: bool = False
+    policies: int = 1  # policies trained from independent seeds; calibration keeps the best
 
 
 @dataclass
-class ConstraintConfig:
-    name: str = "lexicographic"  # lexicographic | lagrangian | fixed | budget
+class ReinforceConfig(AgentConfig):
+    """Native REINFORCE (rlskip.agents.reinforce): leave-one-out baseline over ``group_size`` plans per instance."""
+
+    name: str = "reinforce"
+    group_size: int = 4  # plans sampled per instance (a divisor of n_envs); 1: a learned value baseline
+    self_critical: bool = False  # each group's first slot plays the deployed (greedy) plan, the baseline of the rest
+    lr_decay: float = 0.0  # the learning rate falls linearly to 0 over this last fraction of the iterations
+    policies: int = 2
+
+
+@dataclass
+class PPOConfig(AgentConfig):
+    """Stable-Baselines3 PPO on the same environment (one-step episodes: n_steps rollouts per env)."""
+
+    name: str = "ppo"
+    iterations: int = 400
+    lr: float = 3e-4
+    n_steps: int = 4
+    n_epochs: int = 4
+    clip_range: float = 0.2
+
+
+# ---- constraints: one schema each ------------------------------------------------------------------------
+@dataclass
+class LexicographicConfig:
+    """Quality first: while quality_full - quality > max_quality_drop only quality counts; then minimise FLOPs."""
+
+    name: str = "lexicographic"
     max_quality_drop: float = 0.01
-    lam: float = 0.0
-    lr: float = 0.0
-    budget: float = 1.0
-    penalty: float = 50.0  # lexicographic: scale of the violating rewards
+    penalty: float = 50.0  # scale of violating rewards: 1% more violations must save ~0.5 of the FLOPs
+
+
+@dataclass
+class LagrangianConfig:
+    """Minimise FLOPs s.t. the quality drop <= max_quality_drop, by dual ascent on the multiplier."""
+
+    name: str = "lagrangian"
+    max_quality_drop: float = 0.01
+    lam_init: float = 1.0
+    lr: float = 0.5
+
+
+@dataclass
+class FixedConfig:
+    """Weighted-sum baseline: reward = quality - lam * cost (max_quality_drop only judges success)."""
+
+    name: str = "fixed"
+    lam: float = 0.5
+    max_quality_drop: float = 0.01
+
+
+@dataclass
+class BudgetConfig:
+    """Budget form: FLOPs ratio <= budget, maximise quality."""
+
+    name: str = "budget"
+    budget: float = 0.5
+
+
+AGENTS = {"reinforce": ReinforceConfig, "ppo": PPOConfig}
+CONSTRAINTS = {"lexicographic": LexicographicConfig, "lagrangian": LagrangianConfig, "fixed": FixedConfig, "budget": BudgetConfig}
 
 
 @dataclass
 class GeneratorConfig:
-    mode: str = "frozen"  # frozen | joint
+    mode: str = "frozen"  # frozen | joint (tune the generator under sampled plans, alongside the policy)
     lr: float = 5e-5
 
 
 @dataclass
 class EvalConfig:
-    limit: int = 500
+    limit: int = 500  # held-out instances for the final evaluation
     latency_instances: int = 64
     latency_batch: int = 16
     static_search_instances: int = 96
     calibration_instances: int = 1024  # held out of training (at most a quarter of it) to pick the decision threshold
-    calibration_confidence: float = 0.95  # the quality drop is checked at this one-sided upper confidence bound
+    calibration_confidence: float = 0.95  # the quality drop must hold at this one-sided upper confidence bound
 
 
 @dataclass
 class LogConfig:
-    every: int = 5
-    latency_every: int = 50
+    every: int = 5  # iterations between TensorBoard scalars
+    latency_every: int = 50  # iterations between measured wall-clock ratios
     checkpoint_every: int = 50
     progress: bool = True
 
@@ -109,22 +167,69 @@ class LogConfig:
 class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    agent: AgentConfig = field(default_factory=AgentConfig)
-    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    agent: Any = MISSING  # one of AGENTS
+    constraint: Any = MISSING  # one of CONSTRAINTS
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
-    run_dir: Optional[str] = None
-    resume: Optional[str] = None
-    device: str = "cpu"
+    run_dir: Optional[str] = None  # default: runs/<env>-<agent>-<timestamp>
+    resume: Optional[str] = None  # a run directory to continue
 
 
-CHOICES = {"generator.mode": ("frozen", "joint"), "agent.name": ("reinforce", "ppo")}
+@dataclass
+class GenerateConfig:
+    ckpt: str = MISSING  # the run directory
+    name: str = "last"  # the checkpoint
+    text: Optional[str] = None  # one input, or:
+    input: Optional[str] = None  # a file: one text per line, or JSON lines with a text or document field
+    output: Optional[str] = None  # write JSON lines there instead of printing
+    backbone: Optional[str] = None  # a local generator folder instead of the checkpoint's reference
+    threshold: Optional[float] = None  # default: the checkpoint's calibrated one, else 0.5
+    budget: Optional[float] = None  # budget-conditioned policies
+    max_new_tokens: Optional[int] = None  # default: the run's
+    num_beams: Optional[int] = None  # default: the run's
+    batch_size: int = 16
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose ``configs/`` with command-line overrides and validate against :class:`TrainConfig`.
+@dataclass
+class EvaluateConfig:
+    ckpt: str = MISSING  # the run directory
+    name: str = "last"  # the checkpoint
+    env: Optional[str] = None  # another task config (a file of configs/env/), default the run's
+    split: Optional[str] = None  # held-out split, default the run's env.eval_split
+    data_files: Optional[str] = None  # held-out data file, default the run's
+    limit: Optional[int] = None  # held-out instances, default the run's eval.limit
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # budget-conditioned policies
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])  # early exit
+    threshold: Optional[float] = None  # the policy's keep threshold, default the checkpoint's calibrated one
+    backbone: Optional[str] = None  # a local generator folder instead of the checkpoint's reference
+    latency_instances: Optional[int] = None  # default the run's eval.latency_instances
+    latency_batch: Optional[int] = None  # default the run's eval.latency_batch
+    repeats: int = 3  # latency repeats
+    static_search_instances: Optional[int] = None  # default the run's eval.static_search_instances
+    progress: bool = True
+    out: Optional[str] = None  # output folder, default <run dir>/eval
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    for name, node in AGENTS.items():
+        cs.store(group="agent", name=name, node=node)
+    for name, node in CONSTRAINTS.items():
+        cs.store(group="constraint", name=name, node=node)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+_register()
+
+
+def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Compose ``configs/config.yaml`` (training), or ``configs/entry/<config_name>.yaml`` (``evaluate``,
+    ``generate``: a folder of their own, so their keys do not collide with the training groups ``env`` and
+    ``backbone``), with command-line overrides, validated against its schema.
 
     Raises a ValueError of one line for any unknown key, unknown group option, bad value or bad syntax.
     """
@@ -135,35 +240,79 @@ def compose(overrides: list[str]) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     config_dir = str(resources.files("rlskip.configs"))
+    if config_name != "config":
+        config_dir = str(resources.files("rlskip.configs") / "entry")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            raw = hydra_compose(config_name="config", overrides=list(overrides))
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ValueError(f"bad configuration: missing value for {', '.join(missing)} (give {missing[0]}=...)")
     except (HydraException, OmegaConfBaseException) as e:
         raise ValueError(f"bad configuration: {_one_line(e)}") from None
     finally:
         GlobalHydra.instance().clear()
-    for key, allowed in CHOICES.items():
-        if OmegaConf.select(cfg, key) not in allowed:
-            raise ValueError(f"bad configuration: {key}={OmegaConf.select(cfg, key)!r}, expected one of {list(allowed)}")
-    if not 0.5 <= cfg.eval.calibration_confidence < 1.0:
-        raise ValueError(f"bad configuration: eval.calibration_confidence={cfg.eval.calibration_confidence}, expected a value in [0.5, 1)")
-    a = cfg.agent
-    if a.group_size < 1 or a.n_envs % a.group_size:
-        raise ValueError(f"bad configuration: agent.group_size={a.group_size} must be a positive divisor of agent.n_envs={a.n_envs}")
-    if a.name == "ppo" and a.group_size != 1:
-        raise ValueError("bad configuration: agent.group_size is for agent=reinforce (PPO's critic is its baseline); drop it or set 1")
-    if a.self_critical and (a.name != "reinforce" or a.group_size < 2):
-        raise ValueError("bad configuration: agent.self_critical needs agent=reinforce with agent.group_size >= 2 (the greedy plan takes one slot of each group)")
-    if a.lr_decay and a.name != "reinforce":
-        raise ValueError("bad configuration: agent.lr_decay is for agent=reinforce (PPO keeps SB3's constant learning rate); drop it")
-    if not 0.0 <= a.lr_decay <= 1.0:
-        raise ValueError(f"bad configuration: agent.lr_decay={a.lr_decay}, expected a fraction in [0, 1]")
-    if a.policies < 1:
-        raise ValueError(f"bad configuration: agent.policies={a.policies}, expected 1 or more")
+    if config_name == "config":
+        validate_train(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _bad(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"bad configuration: {key}={value!r}, expected {expected}")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Ranges, divisibility and combinations a schema's types cannot say; one line naming the key."""
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        v = OmegaConf.select(cfg, key)
+        if v is None:
+            return
+        ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+        if not ok:
+            raise _bad(key, v, "a finite number " + (">= 0" if allow_zero else "> 0"))
+
+    if cfg.generator.mode not in ("frozen", "joint"):
+        raise _bad("generator.mode", cfg.generator.mode, "one of ['frozen', 'joint']")
+    for key in (
+        "agent.n_envs", "agent.iterations", "agent.lr", "agent.hidden", "agent.policies", "agent.max_grad_norm",
+        "env.max_source_tokens", "env.max_new_tokens", "env.num_beams", "eval.limit", "eval.latency_instances",
+        "eval.latency_batch", "eval.static_search_instances", "eval.calibration_instances", "log.every",
+        "log.latency_every", "log.checkpoint_every", "generator.lr", "backbone.warmup.lr", "backbone.warmup.batch_size",
+    ):
+        positive(key)
+    for key in ("agent.entropy_coef", "agent.value_coef", "env.margin", "backbone.warmup.time_budget_s"):
+        positive(key, allow_zero=True)
+    if cfg.env.limit is not None:
+        positive("env.limit")
+    if cfg.backbone.warmup.steps is not None:
+        positive("backbone.warmup.steps")
+    if not 0.0 <= cfg.backbone.warmup.skip_prob < 1.0:
+        raise _bad("backbone.warmup.skip_prob", cfg.backbone.warmup.skip_prob, "a probability in [0, 1)")
+    if not 0.5 <= cfg.eval.calibration_confidence < 1.0:
+        raise _bad("eval.calibration_confidence", cfg.eval.calibration_confidence, "a value in [0.5, 1)")
+    a, c = cfg.agent, cfg.constraint
+    if a.name == "reinforce":
+        if a.group_size < 1 or a.n_envs % a.group_size:
+            raise _bad("agent.group_size", a.group_size, f"a positive divisor of agent.n_envs={a.n_envs}")
+        if a.self_critical and a.group_size < 2:
+            raise _bad("agent.self_critical", True, "agent.group_size >= 2 (the greedy plan takes one slot of each group)")
+        if not 0.0 <= a.lr_decay <= 1.0:
+            raise _bad("agent.lr_decay", a.lr_decay, "a fraction in [0, 1]")
+    if a.name == "ppo":
+        for key in ("agent.n_steps", "agent.n_epochs", "agent.clip_range"):
+            positive(key)
+    if "max_quality_drop" in c and not 0.0 <= c.max_quality_drop <= 1.0:
+        raise _bad("constraint.max_quality_drop", c.max_quality_drop, "a quality drop in [0, 1]")
+    if c.name == "budget" and not 0.0 < c.budget <= 1.0:
+        raise _bad("constraint.budget", c.budget, "a FLOPs ratio in (0, 1]")
+    for key in ("constraint.penalty", "constraint.lam_init", "constraint.lr", "constraint.lam"):
+        if OmegaConf.select(cfg, key) is not None:
+            positive(key, allow_zero=True)
+    if cfg.env.margin > 0 and cfg.env.num_beams != 1:
+        raise _bad("env.margin", cfg.env.margin, "0 with env.num_beams > 1 (margin shaping reads greedy decoding's margins)")
 
 
 def _one_line(e: Exception) -> str:
@@ -179,3 +328,19 @@ def _one_line(e: Exception) -> str:
         return f"{head}; available: {', '.join(options)}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+def quote_value(override: str) -> str:
+    """``key=value`` with the value single-quoted for Hydra, so that free text such as
+    ``text=Hello, world (again) ${x}`` is read as that one string: quotes and interpolations are escaped, and
+    so are the backslashes before them or at the end (Hydra reads those as escapes)."""
+    key, _, value = override.partition("=")
+    value = re.sub(r"(\\*)(')", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\*)(\$\{)", lambda m: m.group(1) * 2 + "\\${", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"{key}='{value}'"
+
+
+def generation_settings(cfg: DictConfig) -> dict:
+    """The generation options of a run (``max_new_tokens``, ``num_beams``) from its config."""
+    return {"max_new_tokens": int(cfg.env.max_new_tokens), "num_beams": int(cfg.env.num_beams)}

@@ -28,6 +28,11 @@ from typing import Callable
 import numpy as np
 from numpy.typing import ArrayLike
 
+from rlskip.config import FixedConfig, LagrangianConfig, LexicographicConfig
+
+# constructor defaults are the config schemas' (one place)
+_LEX, _LAG, _FIX = LexicographicConfig(), LagrangianConfig(), FixedConfig()
+
 # name -> handler class
 CONSTRAINTS: dict[str, type["Constraint"]] = {}
 
@@ -41,6 +46,11 @@ def register_constraint(name: str) -> Callable[[type["Constraint"]], type["Const
         return cls
 
     return deco
+
+
+def from_config(cfg) -> "Constraint":
+    """The handler a ``constraint`` config node (one of :data:`rlskip.config.CONSTRAINTS`) describes."""
+    return make_constraint(cfg.name, **{k: v for k, v in cfg.items() if k != "name"})
 
 
 def make_constraint(name: str, **kwargs) -> "Constraint":
@@ -215,7 +225,7 @@ class Lexicographic(_TracksViolation):
         penalty: scale of the violating rewards, > 0.
     """
 
-    def __init__(self, max_quality_drop: float = 0.01, penalty: float = 50.0) -> None:
+    def __init__(self, max_quality_drop: float = _LEX.max_quality_drop, penalty: float = _LEX.penalty) -> None:
         super().__init__()
         self.max_quality_drop = _check_drop(max_quality_drop)
         self.penalty = _check_number("lexicographic penalty", penalty, allow_zero=False)
@@ -256,7 +266,9 @@ class Lagrangian(Constraint):
         lr: dual step size, > 0.
     """
 
-    def __init__(self, max_quality_drop: float = 0.01, lam_init: float = 1.0, lr: float = 0.05) -> None:
+    def __init__(
+        self, max_quality_drop: float = _LAG.max_quality_drop, lam_init: float = _LAG.lam_init, lr: float = _LAG.lr
+    ) -> None:
         self.max_quality_drop = _check_drop(max_quality_drop)
         self._lam = _check_number("lam_init", lam_init, allow_zero=True)
         self.lr = _check_number("lr", lr, allow_zero=False)
@@ -300,7 +312,7 @@ class Fixed(Constraint):
         max_quality_drop: tolerated ``quality_full - quality`` for :meth:`satisfied`, in [0, 1].
     """
 
-    def __init__(self, lam: float, max_quality_drop: float = 0.01) -> None:
+    def __init__(self, lam: float, max_quality_drop: float = _FIX.max_quality_drop) -> None:
         self._lam = _check_number("lam", lam, allow_zero=True)
         self.max_quality_drop = _check_drop(max_quality_drop)
 

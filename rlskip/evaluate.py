@@ -1,29 +1,23 @@
 """``python -m rlskip.evaluate ckpt=<run dir> [key=value ...]``: the policy against the full model and baselines.
 
-By default on the run's own task and held-out data (its ``config.yaml``, composed with train's helpers), on
-one runtime and with the run's generation settings, every method is scored for task quality, analytic FLOPs
-ratio (to the full model at the same lengths) and measured wall-clock ratio at batch 1 and batched
+By default on the run's own task and held-out data (its ``config.yaml``), on one runtime and with the run's
+generation settings, every method (:mod:`rlskip.methods`) is scored for task quality, analytic FLOPs ratio (to
+the full model at the same lengths) and measured wall-clock ratio at batch 1 and batched
 (:func:`rlskip.evaluation.latency_ratio`: warm-up excluded, alternating repeats, medians). Methods:
 
 - ``full``: the unmodified model (ratios 1 by definition);
 - ``policy``: the learned policy's deterministic decisions; ``policy@b=<budget>`` for each budget when the
   policy is budget-conditioned;
-- ``layerdrop``: a static plan skipping every sub-layer of every second layer (encoder layers 1, 3, ...; the
-  first encoder layer is fixed on; decoder layers 1, 3, ...), LayerDrop's pruning at inference;
+- ``layerdrop``: a static plan skipping every sub-layer of every second layer of each stack (the first
+  layer is fixed on), LayerDrop's pruning at inference;
 - ``static@<point>``: the best static plan with no more FLOPs than the policy point, found by greedy
   search on training instances (:func:`rlskip.evaluation.greedy_static_search`);
 - ``random@<point>``: per-instance random plans whose keep probability is calibrated so the mean FLOPs
   ratio matches the policy point's (a linear guess from the all-skip floor, then up to two secant steps);
-- ``early_exit@<threshold>``: CALM-style confident early exit in the decoder
-  (:meth:`rlskip.runtime.bart.BartRuntime.generate_early_exit`, greedy; generation tasks only).
+- ``early_exit@<threshold>`` (generation): CALM-style confident early exit (:class:`rlskip.methods.EarlyExit`,
+  greedy); ``truncate@<k>`` (classification with a single-stack encoder): every layer after ``k`` skipped.
 
-Keys: ``ckpt`` (required), ``name`` (checkpoint, default ``best``), ``env`` (another task config group),
-``split`` and ``data_files`` (held-out data), ``limit`` (held-out instances), ``budgets`` (e.g. ``0.3,0.5``),
-``thresholds`` (early exit, default ``0.5,0.8,0.95``), ``threshold`` (policy keep threshold, default the
-checkpoint's calibrated one, see :func:`rlskip.inference.load`), ``backbone`` (local generator folder), ``latency_instances``, ``latency_batch``,
-``repeats`` (latency repeats, default 3), ``static_search_instances``, ``progress`` (true/false), ``out``
-(output folder, default ``<run dir>/eval``).
-
+Keys: the schema :class:`rlskip.config.EvaluateConfig` (Hydra overrides, e.g. ``thresholds=[0.5,0.9]``).
 Writes ``eval.json`` (every method with quality, flops_ratio, latency_ratio_b1, latency_ratio_batched),
 ``eval.csv`` and ``pareto.png`` (quality against FLOPs ratio and against latency ratio), all atomically.
 Every error is one line on stderr starting with ``error:`` and exit code 2.
@@ -40,92 +34,42 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from rlskip.generate import number, parse_args
-from rlskip.plan import Plan
+from rlskip.config import compose
 
-KEYS = (
-    "ckpt", "name", "env", "split", "data_files", "limit", "budgets", "thresholds", "threshold", "backbone",
-    "latency_instances", "latency_batch", "repeats", "static_search_instances", "progress", "out",
-)
 COLUMNS = ("method", "kind", "quality", "flops_ratio", "latency_ratio_b1", "latency_ratio_batched", "param")
-DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
-DEFAULT_THRESHOLDS = (0.5, 0.8, 0.95)
-
-
-# ---- early exit as a plan source ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _ExitPlan(Plan):
-    """An all-ones plan that asks :class:`_EarlyExitRouter` for confident early exit at ``threshold``."""
-
-    threshold: float = 2.0
-
-
-class _EarlyExitRouter:
-    """A runtime that sends :class:`_ExitPlan` batches to ``generate_early_exit`` and everything else to the
-    wrapped runtime, so the early-exit baseline runs through the same :func:`run_method` and
-    :func:`latency_ratio` as every other method (same batches, same encoding, same timing)."""
-
-    def __init__(self, rt) -> None:
-        self.rt, self.space = rt, rt.space
-
-    def observe(self, input_ids, attention_mask=None):
-        return self.rt.observe(input_ids, attention_mask)
-
-    def generate(self, obs, plan, **gen_kwargs):
-        if isinstance(plan, _ExitPlan):
-            return self.rt.generate_early_exit(obs, plan.threshold, **gen_kwargs)
-        return self.rt.generate(obs, plan, **gen_kwargs)
-
-    def classify(self, obs, plan, labels=None):
-        return self.rt.classify(obs, plan, labels)
-
-
-def early_exit_source(space, threshold: float):
-    return lambda obs: (
-        _ExitPlan(space, torch.ones(obs.batch_size, space.n_bits, dtype=torch.bool), None, float(threshold)),
-        torch.zeros(obs.batch_size, dtype=torch.float64),
-    )
-
-
-# ---- static baselines -----------------------------------------------------------------------------------
-def every_other_layer_bits(space) -> torch.Tensor:
-    """LayerDrop-style pruning: every sub-layer of encoder and decoder layers 1, 3, 5, ... is skipped."""
-    bits = torch.ones(space.n_bits, dtype=torch.bool)
-    for j in range(space.n_bits):
-        parts = space.name(j).split(".")
-        if len(parts) == 3 and parts[0] in ("enc", "dec") and int(parts[1]) % 2 == 1:
-            bits[j] = False
-    return bits
 
 
 # ---- configuration and data -----------------------------------------------------------------------------
-def evaluation_config(run_dir: Path, args: dict):
+def evaluation_config(args: DictConfig):
     """The run's config with the command line's data overrides applied."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from rlskip.config import compose
-
+    run_dir = Path(args.ckpt)
     path = run_dir / "config.yaml"
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     if not path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
-    try:  # the resolved config as the run wrote it (not re-validated: the schema may have grown since)
+    try:  # the resolved config as the run wrote it
         cfg = OmegaConf.load(path)
     except Exception as e:  # a damaged YAML file
         raise ValueError(f"{path} is not a valid run config: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, DictConfig) or "env" not in cfg or "eval" not in cfg:
         raise ValueError(f"{path} is not a run config (no env / eval sections)")
     OmegaConf.set_readonly(cfg, False)
-    if "env" in args:
-        cfg.env = OmegaConf.to_container(compose([f"env={args['env']}"]).env)
-    if "split" in args:
-        cfg.env.eval_split = args["split"]
-    if "data_files" in args:
-        cfg.env.eval_data_files = args["data_files"]
-    if "limit" in args:
-        cfg.eval.limit = number(args, "limit", int)
+    if args.env is not None:
+        cfg.env = OmegaConf.to_container(compose([f"env={args.env}"]).env)
+    if args.split is not None:
+        cfg.env.eval_split = args.split
+    if args.data_files is not None:
+        cfg.env.eval_data_files = args.data_files
+    if args.repeats < 1:
+        raise ValueError(f"repeats must be positive, got {args.repeats}")
+    for key in ("limit", "latency_instances", "latency_batch", "static_search_instances"):
+        if args[key] is not None:
+            if args[key] < 1:
+                raise ValueError(f"{key} must be positive, got {args[key]}")
+            cfg.eval[key] = args[key]
     return cfg
 
 
@@ -146,127 +90,103 @@ class Row:
         return d
 
 
-def _floats(text: str, key: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{key} must be comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise ValueError(f"{key} is empty")
-    return vals
-
-
-def evaluate(args: dict[str, str]) -> dict:
+def evaluate(args: DictConfig) -> dict:
     """Run every method; returns the content of ``eval.json`` and writes the outputs."""
     from tqdm import tqdm
 
-    from rlskip.evaluation import (
-        full_model, greedy_static_search, latency_ratio, policy_plans, random_plans, run_method, static_plan,
-    )
+    from rlskip.envs.data import build_task, load_examples
+    from rlskip.evaluation import EvalData, greedy_static_search, latency_ratio, run_method, static_at
     from rlskip.inference import load
-    from rlskip.train import build_task, gen_kwargs, load_data
+    from rlskip.methods import (
+        EarlyExit, every_other_layer_bits, full_model, planned, policy_plans, random_plans, static_plan, truncation_bits,
+    )
 
-    run_dir = Path(args["ckpt"])
-    cfg = evaluation_config(run_dir, args)
-    sm = load(run_dir, name=args.get("name", "last"), backbone=args.get("backbone"), threshold=number(args, "threshold", float))
+    cfg = evaluation_config(args)
+    run_dir = Path(args.ckpt)
+    sm = load(run_dir, name=args.name, backbone=args.backbone, threshold=args.threshold)
     threshold = sm.threshold
-    task = build_task(cfg)
+    task = build_task(cfg.env, cfg.seed)
     if task.kind != sm.kind:
         raise ValueError(f"task {cfg.env.name} is a {task.kind} task but the checkpoint's backbone is for {sm.kind}")
-    train_ex, eval_ex = load_data(cfg, task)
+    train_ex, eval_ex = load_examples(cfg.env, task, cfg.eval.limit)
     if not eval_ex:
         raise ValueError("no held-out instances to evaluate on (check split=, data_files=, limit=)")
-    rt, tok, space, policy = sm.runtime, sm.tokenizer, sm.space, sm.policy
-    g, msl = gen_kwargs(cfg), int(cfg.env.max_source_tokens)
-    lat_n = number(args, "latency_instances", int, int(cfg.eval.latency_instances))
-    lat_batch = number(args, "latency_batch", int, int(cfg.eval.latency_batch))
-    repeats = number(args, "repeats", int, 3)
-    search_n = number(args, "static_search_instances", int, int(cfg.eval.static_search_instances))
-    progress = args.get("progress", "true").lower() not in ("false", "0", "no")
-    thresholds = _floats(args["thresholds"], "thresholds") if "thresholds" in args else list(DEFAULT_THRESHOLDS)
+    ex, space, policy = sm.executor, sm.space, sm.policy
+    data = EvalData.encode(ex, eval_ex)
+    lat = data.head(cfg.eval.latency_instances)
+    lat_b1 = lat.head(max(8, len(lat) // 4))
     if policy.budget_input:
-        budgets = _floats(args["budgets"], "budgets") if "budgets" in args else list(DEFAULT_BUDGETS)
-        for b in budgets:
+        for b in args.budgets:
             if not 0.0 < b <= 1.0:
                 raise ValueError(f"budgets must be FLOPs ratios in (0, 1], got {b}")
-        points = [(f"b={b:g}", b) for b in budgets]
-    elif "budgets" in args:
-        raise ValueError("budgets= needs a budget-conditioned policy; this one has a single operating point")
+        points = [(f"b={b:g}", b) for b in args.budgets]
     else:
         points = [("", None)]
 
-    lat_ex = eval_ex[: max(1, lat_n)]
-    lat_b1_ex = lat_ex[: max(8, len(lat_ex) // 4)]
-
-    def method(name, kind, source, router=rt, param=None, **extra) -> Row:
-        res = run_method(router, task, tok, eval_ex, source, g_for(kind), msl)
-        lb1 = latency_ratio(router, task, tok, lat_b1_ex, source, g_for(kind), msl, 1, repeats)
-        lbt = latency_ratio(router, task, tok, lat_ex, source, g_for(kind), msl, lat_batch, repeats)
+    def row(name, kind, method, param=None, **extra) -> Row:
+        res = run_method(ex, task, data, method)
+        lb1 = latency_ratio(ex, lat_b1, method, 1, args.repeats)
+        lbt = latency_ratio(ex, lat, method, cfg.eval.latency_batch, args.repeats)
         return Row(name, kind, res.quality, res.flops_ratio, lb1, lbt, param, extra)
 
-    def g_for(kind):  # early exit decodes greedily
-        return {**g, "num_beams": 1} if kind == "early_exit" else g
-
     # the plan of work: a list of thunks, so the progress bar counts methods
-    rows: list[Row] = []
-    full = run_method(rt, task, tok, eval_ex, full_model(space), g, msl)
-    rows.append(Row("full", "full", full.quality, full.flops_ratio))
+    full = run_method(ex, task, data, planned(full_model(space)))
+    rows: list[Row] = [Row("full", "full", full.quality, full.flops_ratio)]
     policy_rows: list[Row] = []
     jobs: list[tuple[str, Callable[[], list[Row]]]] = []
     for label, b in points:
         name = "policy" + (f"@{label}" if label else "")
 
         def run_policy(name=name, b=b):
-            r = method(name, "policy", policy_plans(policy, space, threshold, b), param=b)
+            r = row(name, "policy", planned(policy_plans(policy, space, threshold, b)), param=b)
             policy_rows.append(r)
             return [r]
 
         jobs.append((name, run_policy))
-    jobs.append(("layerdrop", lambda: [method("layerdrop", "layerdrop", static_plan(space, every_other_layer_bits(space)))]))
+    jobs.append(("layerdrop", lambda: [row("layerdrop", "layerdrop", planned(static_plan(space, every_other_layer_bits(space))))]))
 
     def static_rows():
         target = min(r.flops_ratio for r in policy_rows)
-        path = greedy_static_search(rt, task, tok, train_ex[:search_n], g, msl, min_flops_ratio=target)
+        search = EvalData.encode(ex, train_ex[: cfg.eval.static_search_instances])
+        path = greedy_static_search(ex, task, search, min_flops_ratio=target)
         out = []
         for (label, _), pr in zip(points, policy_rows):
-            equal = next((p for p in path if p["flops_ratio"] <= pr.flops_ratio), path[-1])
+            equal, _ = static_at(path, pr.flops_ratio)
             skipped = [space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()]
-            name = f"static@{label or 'policy'}"
-            out.append(method(name, "static", static_plan(space, equal["bits"]), param=pr.flops_ratio, skipped=skipped))
+            out.append(row(f"static@{label or 'policy'}", "static", planned(static_plan(space, equal["bits"])), pr.flops_ratio, skipped=skipped))
         return out
 
     def random_rows():
-        floor = run_method(rt, task, tok, eval_ex, static_plan(space, torch.zeros(space.n_bits, dtype=torch.bool)), g, msl)
+        floor = run_method(ex, task, data, planned(static_plan(space, torch.zeros(space.n_bits, dtype=torch.bool))))
         out = []
         for (label, _), pr in zip(points, policy_rows):
             p = calibrate_keep_prob(
-                lambda q: run_method(rt, task, tok, eval_ex, random_plans(space, q), g, msl).flops_ratio,
-                pr.flops_ratio, floor.flops_ratio,
+                lambda q: run_method(ex, task, data, planned(random_plans(space, q))).flops_ratio, pr.flops_ratio, floor.flops_ratio
             )
-            out.append(method(f"random@{label or 'policy'}", "random", random_plans(space, p), param=p, keep_prob=p))
+            out.append(row(f"random@{label or 'policy'}", "random", planned(random_plans(space, p)), param=p, keep_prob=p))
         return out
 
     jobs += [("static", static_rows), ("random", random_rows)]
     if task.kind == "generation":
-        router = _EarlyExitRouter(rt)
-        for th in thresholds:
-            jobs.append((
-                f"early_exit@{th:g}",
-                lambda th=th: [method(f"early_exit@{th:g}", "early_exit", early_exit_source(space, th), router, param=th)],
-            ))
-    bar = tqdm(jobs, desc="methods", disable=not progress)
+        for th in args.thresholds:
+            jobs.append((f"early_exit@{th:g}", lambda th=th: [row(f"early_exit@{th:g}", "early_exit", EarlyExit(th), param=th)]))
+    elif sm.runtime.kind == "encoder":
+        layers = 1 + max(c.layer for c in space.candidates)
+        for k in range(1, layers - 1):
+            jobs.append((f"truncate@{k}", lambda k=k: [row(f"truncate@{k}", "truncate", planned(static_plan(space, truncation_bits(space, k))), param=k)]))
+    bar = tqdm(jobs, desc="methods", disable=not args.progress)
     for name, job in bar:
         bar.set_postfix_str(name)
         rows += job()
     bar.close()
 
     result = {
-        "run_dir": str(run_dir), "checkpoint": args.get("name", "last"), "task": cfg.env.name, "metric": task.metric,
-        "n_eval": len(eval_ex), "gen_kwargs": g, "policy_threshold": threshold,
-        "latency": {"instances": len(lat_ex), "instances_b1": len(lat_b1_ex), "batch": lat_batch, "repeats": repeats},
+        "run_dir": str(run_dir), "checkpoint": args.name, "task": cfg.env.name, "metric": task.metric,
+        "n_eval": len(data), "gen_kwargs": ex.gen_kwargs, "policy_threshold": threshold,
+        "latency": {"instances": len(lat), "instances_b1": len(lat_b1), "batch": cfg.eval.latency_batch, "repeats": args.repeats},
         "methods": [r.as_dict() for r in rows],
     }
-    write_outputs(Path(args["out"]) if "out" in args else run_dir / "eval", result)
+    write_outputs(Path(args.out) if args.out is not None else run_dir / "eval", result)
     return result
 
 
@@ -337,7 +257,7 @@ def pareto_png(result: dict) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = evaluate(parse_args(argv, KEYS))
+        result = evaluate(compose(argv, "evaluate"))
     except (ValueError, FileNotFoundError) as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2

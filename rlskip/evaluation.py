@@ -1,76 +1,50 @@
-"""Evaluating plan sources on task data: quality, FLOPs ratio and measured latency, on one runtime.
+"""Evaluating methods on task data: quality, FLOPs ratio, measured latency, static search, calibration.
 
-A *plan source* maps an observation to plans (and the FLOPs spent deciding them): the full model, a
-fixed (static) plan, random plans, or a learned policy. Every method is run on the same examples, the same
-runtime and the same generation settings, so the numbers compare like with like. Used by training (final
-summary) and by ``python -m rlskip.evaluate``.
+Every method (:mod:`rlskip.methods`) runs on the same examples through the same executor
+(:mod:`rlskip.execute`) with the same generation settings, so the numbers compare like with like. A *task*
+is anything with ``kind`` and ``score(predictions, examples) -> [quality in [0, 1]]`` (the tasks of
+:mod:`rlskip.envs.tasks`). Used by training (calibration and the final summary) and by
+``python -m rlskip.evaluate``.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from rlskip.plan import Plan
-from rlskip.runtime.base import Observation, Runtime
-
-PlanSource = Callable[[Observation], tuple[Plan, torch.Tensor]]
-
-
-def encode_batch(tokenizer, examples: Sequence, max_source_tokens: int, pair_truncation: str = "longest_first"):
-    """Right-padded ``(input_ids, attention_mask)`` for a batch of examples."""
-    from rlskip.envs.tasks.encoding import encode_examples
-
-    rows, _ = encode_examples(tokenizer, list(examples), max_source_tokens, pair_truncation)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    lengths = torch.tensor([len(r) for r in rows])
-    return ids, torch.arange(width)[None, :] < lengths[:, None]
+from rlskip.constraints import Budget
+from rlskip.execute import Executor
+from rlskip.methods import Method, full_model, planned, policy_plans, static_plan
 
 
-# ---- plan sources ---------------------------------------------------------------------------------------
-def full_model(space) -> PlanSource:
-    return lambda obs: (Plan.all_ones(space, obs.batch_size), torch.zeros(obs.batch_size, dtype=torch.float64))
+@dataclass
+class EvalData:
+    """Examples and their input ids, encoded once (:meth:`rlskip.encoding.Encoder.inputs`)."""
+
+    examples: list
+    rows: list[list[int]]
+
+    @classmethod
+    def encode(cls, ex: Executor, examples: Sequence[Any]) -> "EvalData":
+        return cls(list(examples), ex.encoder.inputs(list(examples))[0])
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def head(self, n: int) -> "EvalData":
+        return EvalData(self.examples[:n], self.rows[:n])
+
+    def batches(self, size: int):
+        for i in range(0, len(self.rows), size):
+            yield self.examples[i : i + size], self.rows[i : i + size]
 
 
-def static_plan(space, bits: torch.Tensor) -> PlanSource:
-    """The same plan for every instance."""
-    return lambda obs: (Plan(space, bits.view(1, -1).expand(obs.batch_size, -1).clone()), torch.zeros(obs.batch_size, dtype=torch.float64))
-
-
-def random_plans(space, keep_prob: float, seed: int = 0) -> PlanSource:
-    """Each instance keeps each skippable candidate with probability ``keep_prob`` (independently)."""
-    gen = torch.Generator().manual_seed(seed)
-    return lambda obs: (
-        Plan(space, torch.rand(obs.batch_size, space.n_bits, generator=gen) < keep_prob),
-        torch.zeros(obs.batch_size, dtype=torch.float64),
-    )
-
-
-def policy_plans(policy, space, threshold: float = 0.5, budget: float | None = None) -> PlanSource:
-    """Deterministic decisions of a learned policy (keep where sigmoid(logit) >= threshold); its cost included."""
-
-    from rlskip.agents.policy import observation_inputs
-
-    def source(obs: Observation):
-        b = None if budget is None else torch.full((obs.batch_size,), float(budget))
-        with torch.no_grad():
-            bits, token_keep = policy.decide(**observation_inputs(obs), budget=b, threshold=threshold)
-        cost = torch.tensor([policy.flops(int(n)) for n in obs.lengths], dtype=torch.float64)
-        return Plan(space, bits, token_keep if space.token_dropping else None), cost
-
-    return source
-
-
-# ---- running a method ------------------------------------------------------------------------------------
 @dataclass
 class MethodResult:
     """Quality and cost of one method on a set of examples."""
@@ -82,39 +56,19 @@ class MethodResult:
     predictions: list = field(default_factory=list)
     by_group: dict[str, float] = field(default_factory=dict)
 
-    def summary(self) -> dict:
-        return {"quality": self.quality, "flops_ratio": self.flops_ratio, "by_group": self.by_group}
 
-
-def _run_batch(rt: Runtime, task, tokenizer, examples, source: PlanSource, gen_kwargs: dict, max_source_tokens: int):
-    ids, mask = encode_batch(tokenizer, examples, max_source_tokens, getattr(task, "pair_truncation", "longest_first"))
-    with torch.no_grad():
-        obs = rt.observe(ids, mask)
-        plan, extra = source(obs)
-        if task.kind == "classification":
-            logits, _, flops, full = rt.classify(obs, plan)
-            preds = logits.argmax(-1).tolist()
-        else:
-            out = rt.generate(obs, plan, **gen_kwargs)
-            flops, full = out.flops, out.full_flops
-            preds = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-    return preds, ((flops + extra) / full).tolist()
-
-
-def run_method(
-    rt: Runtime, task, tokenizer, examples: Sequence, source: PlanSource, gen_kwargs: dict, max_source_tokens: int, batch_size: int = 64
-) -> MethodResult:
-    """Run one plan source over ``examples`` in batches and score it with the task's metric."""
+def run_method(ex: Executor, task, data: EvalData, method: Method, batch_size: int = 64) -> MethodResult:
+    """Run ``method`` over ``data`` in batches and score it with the task's metric."""
     preds, ratios = [], []
-    for i in range(0, len(examples), batch_size):
-        p, r = _run_batch(rt, task, tokenizer, examples[i : i + batch_size], source, gen_kwargs, max_source_tokens)
-        preds += p
-        ratios += r
-    scores = task.score(preds, list(examples))
+    for _, rows in data.batches(batch_size):
+        out = method(ex, ex.observe(rows))
+        preds += out.predictions
+        ratios += out.flops_ratio.tolist()
+    scores = task.score(preds, data.examples)
     groups: dict[str, list[float]] = defaultdict(list)
-    for ex, s in zip(examples, scores):
-        if ex.group is not None:
-            groups[ex.group].append(s)
+    for example, s in zip(data.examples, scores):
+        if getattr(example, "group", None) is not None:
+            groups[example.group].append(s)
     return MethodResult(
         quality=float(sum(scores) / len(scores)),
         flops_ratio=float(sum(ratios) / len(ratios)),
@@ -125,23 +79,21 @@ def run_method(
     )
 
 
-def greedy_static_search(
-    rt: Runtime, task, tokenizer, examples: Sequence, gen_kwargs: dict, max_source_tokens: int, min_flops_ratio: float = 0.0
-) -> list[dict]:
+def greedy_static_search(ex: Executor, task, data: EvalData, min_flops_ratio: float = 0.0) -> list[dict]:
     """The best static plans found greedily: drop, one at a time, the candidate whose removal costs the least
-    quality on ``examples`` (ties: the larger FLOPs saving). Returns the path, one entry per plan, from the full
+    quality on ``data`` (ties: the larger FLOPs saving). Returns the path, one entry per plan, from the full
     model down to ``min_flops_ratio``: ``{"bits", "flops_ratio", "quality"}``.
     """
-    space = rt.space
+    space = ex.space
     bits = torch.ones(space.n_bits, dtype=torch.bool)
-    res = run_method(rt, task, tokenizer, examples, static_plan(space, bits), gen_kwargs, max_source_tokens)
+    res = run_method(ex, task, data, planned(static_plan(space, bits)))
     path = [{"bits": bits.clone(), "flops_ratio": res.flops_ratio, "quality": res.quality}]
     while bits.any() and path[-1]["flops_ratio"] > min_flops_ratio:
         best = None
         for j in bits.nonzero().flatten().tolist():
             trial = bits.clone()
             trial[j] = False
-            r = run_method(rt, task, tokenizer, examples, static_plan(space, trial), gen_kwargs, max_source_tokens)
+            r = run_method(ex, task, data, planned(static_plan(space, trial)))
             key = (r.quality, -r.flops_ratio)
             if best is None or key > best[0]:
                 best = (key, trial, r)
@@ -150,31 +102,35 @@ def greedy_static_search(
     return path
 
 
-def latency_ratio(
-    rt: Runtime, task, tokenizer, examples: Sequence, source: PlanSource, gen_kwargs: dict, max_source_tokens: int,
-    batch_size: int, repeats: int = 3,
-) -> float:
-    """Measured wall-clock of ``source`` over the full model on the same batches (decisions included).
+def static_at(path: list[dict], flops_ratio: float) -> tuple[dict, dict]:
+    """From a greedy path, the first static plan at or under ``flops_ratio`` and the one step before it (at
+    least as costly): the static plans on both sides of a method's FLOPs."""
+    i = next((k for k, p in enumerate(path) if p["flops_ratio"] <= flops_ratio), len(path) - 1)
+    return path[i], path[max(i - 1, 0)]
 
-    Warm-up excluded; repeats alternate between the two so machine drift hits both alike; medians.
+
+def latency_ratio(ex: Executor, data: EvalData, method: Method, batch_size: int, repeats: int = 3) -> float:
+    """Measured wall-clock of ``method`` over the full model on the same batches (observation and decisions
+    included). Warm-up excluded; repeats alternate between the two so machine drift hits both alike; medians.
     """
-    full = full_model(rt.space)
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    full = planned(full_model(ex.space))
+    batches = [rows for _, rows in data.batches(batch_size)]
 
-    def timed(src) -> float:
+    def timed(m: Method) -> float:
         t0 = time.perf_counter()
-        for b in batches:
-            _run_batch(rt, task, tokenizer, b, src, gen_kwargs, max_source_tokens)
+        for rows in batches:
+            m(ex, ex.observe(rows))
         return time.perf_counter() - t0
 
-    timed(full), timed(source)  # warm-up
-    t_full, t_src = [], []
+    timed(full), timed(method)  # warm-up
+    t_full, t_method = [], []
     for _ in range(repeats):
         t_full.append(timed(full))
-        t_src.append(timed(source))
-    return statistics.median(t_src) / statistics.median(t_full)
+        t_method.append(timed(method))
+    return statistics.median(t_method) / statistics.median(t_full)
 
 
+# ---- threshold calibration ---------------------------------------------------------------------------
 # keep thresholds tried by calibration: 0.5 and then 1.4x apart down to 1e-9. A policy trained long enough
 # has saturated logits, and its cheapest safe threshold can lie far below 0.001; the sigmoid of any logit the
 # policy produces in practice lies above the bottom, which keeps nearly everything.
@@ -208,8 +164,8 @@ def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], co
 
 
 def calibrate_threshold(
-    rt: Runtime, task, tokenizer, examples: Sequence, policy, constraint, gen_kwargs: dict, max_source_tokens: int,
-    thresholds: Sequence[float] = THRESHOLDS, budget: float | None = None, confidence: float = 0.95,
+    ex: Executor, task, data: EvalData, policy, constraint, thresholds: Sequence[float] = THRESHOLDS,
+    budget: float | None = None, confidence: float = 0.95,
 ) -> tuple[float, list[dict]]:
     """The decision threshold at which the policy's deterministic plans satisfy the run's constraint.
 
@@ -221,15 +177,11 @@ def calibrate_threshold(
     most conservative threshold within the budget. If none qualifies, the most conservative threshold. A
     budget-conditioned policy is calibrated at ``budget``. Returns ``(threshold, table)``.
     """
-    import numpy as np
-
-    from rlskip.constraints import Budget
-
-    full = run_method(rt, task, tokenizer, examples, full_model(rt.space), gen_kwargs, max_source_tokens)
+    full = run_method(ex, task, data, planned(full_model(ex.space)))
     order = sorted(thresholds, reverse=not isinstance(constraint, Budget))  # search direction: see docstring
     table = []
     for t in order:
-        r = run_method(rt, task, tokenizer, examples, policy_plans(policy, rt.space, t, budget), gen_kwargs, max_source_tokens)
+        r = run_method(ex, task, data, planned(policy_plans(policy, ex.space, t, budget)))
         drop_ucb = drop_upper_bound(full.per_item, r.per_item, confidence)
         # the handlers judge quality through the drop quality_full - quality: hand them a pair in [0, 1]
         # whose drop is the bound (|bound| <= 1)
@@ -242,3 +194,29 @@ def calibrate_threshold(
         if ok:
             return t, table
     return min(thresholds), table
+
+
+# ---- the summary of a training run ---------------------------------------------------------------------
+def final_evaluation(
+    ex: Executor, task, eval_data: EvalData, search_data: EvalData, policy_method: Method, latency_instances: int,
+    latency_batch: int,
+) -> dict:
+    """The policy against the full model on held-out data, the best static plans found on ``search_data`` at
+    and just above the policy's FLOPs, and the measured latency ratio (batched and at batch 1)."""
+    full = run_method(ex, task, eval_data, planned(full_model(ex.space)))
+    pol = run_method(ex, task, eval_data, policy_method)
+    path = greedy_static_search(ex, task, search_data, min_flops_ratio=pol.flops_ratio)
+    equal, above = static_at(path, pol.flops_ratio)
+    static = run_method(ex, task, eval_data, planned(static_plan(ex.space, equal["bits"])))
+    static_above = run_method(ex, task, eval_data, planned(static_plan(ex.space, above["bits"])))
+    lat = eval_data.head(latency_instances)
+    return {
+        "task": task.name, "metric": task.metric, "n_eval": len(eval_data),
+        "quality_full": full.quality, "quality": pol.quality, "flops_ratio": pol.flops_ratio,
+        "latency_ratio": latency_ratio(ex, lat, policy_method, latency_batch),
+        "latency_ratio_b1": latency_ratio(ex, lat.head(max(8, latency_instances // 4)), policy_method, 1),
+        "static_quality_at_equal_flops": static.quality, "static_flops_ratio": static.flops_ratio,
+        "static_quality_next_above": static_above.quality, "static_flops_ratio_next_above": static_above.flops_ratio,
+        "static_skipped": [ex.space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()],
+        "quality_by_group": {"full": full.by_group, "policy": pol.by_group, "static": static.by_group},
+    }

@@ -1,18 +1,20 @@
-"""Analytic FLOPs of an encoder-decoder under plans, per instance and per candidate.
+"""Analytic FLOPs: primitives every model family builds its per-candidate table from.
 
-Counted: every matrix product the runtime executes (2 FLOPs per multiply-add) -- attention projections,
-attention scores and weighted values (over the actual key lengths), feed-forward layers, the LM head --
-which is what ``torch.utils.flop_counter.FlopCounterMode`` counts. Not counted: embedding lookups (a
-gather, no arithmetic), LayerNorm, softmax, activations and residual adds (element-wise, well under 1%
-of the total at any real width). The policy's own cost is added by the caller (:func:`mlp_flops`).
+Counted: every matrix product a runtime executes (2 FLOPs per multiply-add) -- attention projections with
+separate query and key/value head counts (grouped-query attention), attention scores and weighted values
+over the actual key lengths, plain and gated feed-forward layers, the LM head -- which is what
+``torch.utils.flop_counter.FlopCounterMode`` counts. Not counted: embedding lookups (a gather, no
+arithmetic), norms, softmax, activations, rotary embeddings and residual adds (element-wise: at any real
+width well under 1% of the total, and FlopCounterMode does not count them either). The policy's own cost
+is added by the caller (:func:`mlp_flops`).
 
-Lengths are the instance's own: the first encoder layer sees the full source, later layers and the
-cross-attention memory the source left after token dropping; the decoder runs ``steps`` positions with a
-KV cache (step ``t`` attends over ``t + 1`` keys) for each of ``beams`` rows; cross-attention keys and
-values are projected once per instance, not per beam (the runtime shares them across beams).
+Every argument that is a length may be a tensor ``[batch]`` of per-instance lengths (float64), so one call
+gives the cost of every instance of a batch.
 
-The cost of a plan is ``fixed + (bits * per_candidate).sum(1)``; the full model's is the same with every
-bit on and the full source length, so skipping one candidate lowers the count by exactly its share.
+A family's table (``Runtime.flops_table``) is ``(fixed [batch], per_candidate [batch, n_bits])``: the part no
+plan can skip and one column per skippable candidate, so the cost of a plan is
+``fixed + (bits * per_candidate).sum(1)`` (:func:`plan_flops`) and skipping one candidate lowers the count
+by exactly its share.
 """
 
 from __future__ import annotations
@@ -21,82 +23,71 @@ from dataclasses import dataclass
 
 import torch
 
-from rlskip.space import SkipSpace
+Length = torch.Tensor | float | int
 
 
 @dataclass(frozen=True)
-class Dims:
-    """Widths of an encoder-decoder transformer."""
+class AttentionShape:
+    """Widths of one attention block: model width, query heads, key/value heads, head width."""
 
     d_model: int
-    enc_ffn: int
-    dec_ffn: int
-    vocab: int
-    encoder_layers: int
-    decoder_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def mha(cls, d_model: int, heads: int) -> "AttentionShape":
+        """Plain multi-head attention (as many key/value heads as query heads, ``d_model / heads`` wide)."""
+        return cls(d_model, heads, heads, d_model // heads)
 
 
-def _self_attn(s: torch.Tensor, d: int) -> torch.Tensor:
-    """Bidirectional self-attention over ``s`` tokens: q,k,v,o projections + scores + values."""
-    return 8 * s * d * d + 4 * s * s * d
+def linear(n: Length, d_in: int, d_out: int) -> Length:
+    """A ``d_in -> d_out`` projection applied to ``n`` tokens."""
+    return 2 * n * d_in * d_out
 
 
-def _ffn(n: torch.Tensor, d: int, f: int) -> torch.Tensor:
-    return 4 * n * d * f
+def attention(a: AttentionShape, n_q: Length, n_kv: Length, n_kv_proj: Length | None = None) -> Length:
+    """``n_q`` query tokens attending over ``n_kv`` keys: q/o projections of the queries, k/v projections of
+    ``n_kv_proj`` new tokens (default ``n_kv``; 0 when the keys come from a cache), scores and values."""
+    n_kv_proj = n_kv if n_kv_proj is None else n_kv_proj
+    inner, kv_inner = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    proj = linear(n_q, a.d_model, inner) + linear(n_q, inner, a.d_model) + 2 * linear(n_kv_proj, a.d_model, kv_inner)
+    return proj + 4 * n_q * n_kv * inner
 
 
-def encoder_decoder_flops(
-    dims: Dims,
-    space: SkipSpace,
-    src_full: torch.Tensor,
-    src_kept: torch.Tensor,
-    steps: torch.Tensor,
-    beams: int = 1,
-    teacher_forced: bool = False,
-    lm_head: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-instance FLOPs split into the part no plan can skip and one column per skippable candidate.
+def kv_projection(a: AttentionShape, n: Length) -> Length:
+    """Key and value projections of ``n`` tokens (a cross-attention memory, or a cache entry)."""
+    return 2 * linear(n, a.d_model, a.kv_heads * a.head_dim)
 
-    Args:
-        dims: model widths.
-        space: the SkipSpace (fixes the bit order).
-        src_full: ``[batch]`` source length before token dropping (the first layer runs on it).
-        src_kept: ``[batch]`` source length after token dropping.
-        steps: ``[batch]`` decoder positions: generated steps, or the target length when teacher-forced.
-        beams: rows per instance during generation.
-        teacher_forced: one parallel decoder pass over ``steps`` positions (no cache, no beams).
-        lm_head: include the LM head (False for classification heads).
 
-    Returns:
-        ``(fixed [batch], per_candidate [batch, n_bits])`` as float64 tensors.
-    """
-    d = dims.d_model
-    sf, sk, n = (x.to(torch.float64) for x in (src_full, src_kept, steps))
-    k = 1 if teacher_forced else beams
-    fixed = _self_attn(sf, d) + _ffn(sf, d, dims.enc_ffn)  # the first encoder layer, fixed on
-    if lm_head:
-        fixed = fixed + k * n * 2 * d * dims.vocab
-    if teacher_forced:
-        dec_self = 8 * n * d * d + 4 * n * n * d
-        dec_cross = 4 * sk * d * d + 4 * n * d * d + 4 * n * sk * d
-    else:
-        dec_self = k * (8 * n * d * d + 2 * d * n * (n + 1))  # sum over t of 4 * (t + 1) * d
-        dec_cross = 4 * sk * d * d + k * n * (4 * d * d + 4 * sk * d)
-    dec_ffn = k * _ffn(n, d, dims.dec_ffn)
-    per_kind = {
-        "enc_attn": _self_attn(sk, d),
-        "enc_ffn": _ffn(sk, d, dims.enc_ffn),
-        "dec_self_attn": dec_self,
-        "dec_cross_attn": dec_cross,
-        "dec_ffn": dec_ffn,
-    }
-    cols = [per_kind[c.kind] for c in space.skippable]
-    return fixed, torch.stack(cols, dim=1)
+def cached_self_attention(a: AttentionShape, steps: Length, past: Length = 0) -> Length:
+    """``steps`` decoding steps, one token each, over a cache holding ``past`` keys before the first:
+    step ``t`` (0-based) projects its token and attends over ``past + t + 1`` keys."""
+    inner = a.heads * a.head_dim
+    per_token = attention(a, 1, 0, 1)  # projections only
+    # sum over t of 4 * (past + t + 1) * inner
+    keys = steps * past + steps * (steps + 1) / 2
+    return steps * per_token + 4 * keys * inner
+
+
+def mlp(n: Length, d_model: int, d_ff: int, gated: bool = False) -> Length:
+    """A feed-forward block on ``n`` tokens: ``d -> f -> d``, with a second ``d -> f`` input for gated units."""
+    return (3 if gated else 2) * linear(n, d_model, d_ff)
+
+
+def lm_head(n: Length, d_model: int, vocab: int) -> Length:
+    """The output projection of ``n`` tokens onto the vocabulary."""
+    return linear(n, d_model, vocab)
+
+
+def lengths(*xs) -> tuple[torch.Tensor, ...]:
+    """Per-instance lengths as float64 CPU tensors (the dtype every table is built in)."""
+    return tuple(torch.as_tensor(x).to("cpu", torch.float64) for x in xs)
 
 
 def plan_flops(fixed: torch.Tensor, per_candidate: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """FLOPs executed under ``bits`` ``[batch, n_bits]``."""
-    return fixed + (per_candidate * bits.to(per_candidate.dtype)).sum(1)
+    return fixed + (per_candidate * bits.to("cpu", per_candidate.dtype)).sum(1)
 
 
 def mlp_flops(module: torch.nn.Module, rows: int = 1, tokens_per_row: int = 1) -> float:

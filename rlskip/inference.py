@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
+from rlskip.backbone import load_backbone, load_tokenizer
+from rlskip.checkpoint import load_checkpoint, verify_backbone
+from rlskip.config import generation_settings
+from rlskip.encoding import Encoder
+from rlskip.execute import Executed, Executor
+from rlskip.methods import policy_plans
 from rlskip.plan import Plan
+from rlskip.runtime import Observation, get_runtime
 
 DEFAULT_MAX_SOURCE_TOKENS = 1024
 DEFAULT_THRESHOLD = 0.5
@@ -34,77 +41,57 @@ class SkipModel:
     """A generator with its skip policy: decides a plan per input, then runs the generator under it.
 
     Build it with :func:`load`. Attributes: ``model`` (the Hugging Face model), ``tokenizer``, ``policy``,
-    ``runtime``, ``space``, ``threshold``, ``gen_kwargs`` (defaults for :meth:`generate`),
-    ``max_source_tokens``, ``kind`` (``"generation"`` or ``"classification"``), ``checkpoint``.
+    ``runtime``, ``space``, ``threshold``, ``executor`` (its ``encoder`` cuts inputs to the run's
+    ``max_source_tokens``; its ``gen_kwargs`` are the defaults of :meth:`generate`), ``kind``
+    (``"generation"`` or ``"classification"``), ``checkpoint``.
     """
 
-    def __init__(self, model, tokenizer, policy, runtime, checkpoint, threshold: float, gen_kwargs: dict, max_source_tokens: int, kind: str):
+    def __init__(self, model, tokenizer, policy, runtime, checkpoint, threshold: float, executor: Executor):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         self.model, self.tokenizer, self.policy, self.runtime = model, tokenizer, policy, runtime
         self.checkpoint, self.space = checkpoint, runtime.space
-        self.threshold, self.gen_kwargs = float(threshold), dict(gen_kwargs)
-        self.max_source_tokens, self.kind = int(max_source_tokens), kind
+        self.threshold, self.executor, self.kind = float(threshold), executor, executor.task_kind
 
     # ---- inputs ---------------------------------------------------------------------------------------
-    def encode(self, inputs, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, attention_mask)`` from texts (tokenised, cut to ``max_source_tokens``, right-padded)
-        or from an ``input_ids`` tensor (``[batch, len]`` or ``[len]``; right-padded; the mask defaults to the
-        non-pad positions)."""
+    def observe(self, inputs, attention_mask: torch.Tensor | None = None) -> Observation:
+        """The runtime's observation of texts (tokenised, cut to ``max_source_tokens``) or of an ``input_ids``
+        tensor (``[batch, len]`` or ``[len]``; right-padded; the mask defaults to the non-pad positions)."""
         if isinstance(inputs, torch.Tensor):
             ids = inputs.long()
             if ids.dim() == 1:
                 ids = ids[None]
             if attention_mask is None:
-                attention_mask = ids != self.tokenizer.pad_token_id
-            return ids, attention_mask.bool().view(ids.shape)
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        if not texts:
-            raise ValueError("no inputs given")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"input {i} is empty or not a string: {t!r}")
-        rows = self.tokenizer(texts, truncation=True, max_length=self.max_source_tokens)["input_ids"]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-        lengths = torch.tensor([len(r) for r in rows])
-        return ids, torch.arange(width)[None, :] < lengths[:, None]
+                attention_mask = ids != self.executor.encoder.pad_id
+            rows = [r[m].tolist() for r, m in zip(ids, attention_mask.bool().view(ids.shape))]
+        else:
+            rows, _ = self.executor.encoder.inputs([inputs] if isinstance(inputs, str) else list(inputs))
+        return self.executor.observe(rows)
 
-    def _budget(self, budget: float | None, batch: int) -> torch.Tensor | None:
+    def source(self, budget: float | None = None):
+        """The policy's plan source (:func:`rlskip.methods.policy_plans`) at this model's threshold."""
         if self.policy.budget_input:
             if budget is None:
                 raise ValueError("this policy is budget-conditioned: pass budget=<FLOPs ratio in (0, 1]>")
             if not 0.0 < float(budget) <= 1.0:
                 raise ValueError(f"budget must be a FLOPs ratio in (0, 1], got {budget}")
-            return torch.full((batch,), float(budget))
-        if budget is not None:
+        elif budget is not None:
             raise ValueError("this policy was trained without a budget input; drop budget=")
-        return None
-
-    def _plan(self, obs, budget: float | None) -> tuple[Plan, torch.Tensor]:
-        from rlskip.agents.policy import observation_inputs
-
-        b = self._budget(budget, obs.batch_size)
-        bits, token_keep = self.policy.decide(**observation_inputs(obs), budget=b, threshold=self.threshold)
-        cost = torch.tensor([self.policy.flops(int(n)) for n in obs.lengths], dtype=torch.float64)
-        return Plan(self.space, bits, token_keep if self.space.token_dropping else None), cost
+        return policy_plans(self.policy, self.space, self.threshold, budget)
 
     # ---- decisions and outputs ------------------------------------------------------------------------
-    @torch.no_grad()
     def decide(self, inputs, budget: float | None = None, attention_mask: torch.Tensor | None = None) -> Plan:
-        """The plans the policy picks for ``inputs`` (texts or input ids): keep where sigmoid(logit) >= threshold.
+        """The plans the policy picks for ``inputs`` (a text, a list of texts, or an ``input_ids`` tensor):
+        keep where sigmoid(logit) >= threshold. ``budget``: for (and only for) a budget-conditioned policy."""
+        return self.source(budget)(self.observe(inputs, attention_mask))[0]
 
-        Args:
-            inputs: a text, a list of texts, or an ``input_ids`` tensor.
-            budget: FLOPs-ratio budget, required for (and only for) a budget-conditioned policy.
-            attention_mask: with an ``input_ids`` tensor; defaults to its non-pad positions.
-        """
-        ids, mask = self.encode(inputs, attention_mask)
-        return self._plan(self.runtime.observe(ids, mask), budget)[0]
+    def run(self, inputs, budget: float | None = None, attention_mask: torch.Tensor | None = None, **gen_kwargs) -> Executed:
+        """Decide and execute: the executor's outputs (predictions, FLOPs, the plan) for ``inputs``."""
+        source = self.source(budget)
+        obs = self.observe(inputs, attention_mask)
+        plan, cost = source(obs)
+        return self.executor.run(obs, plan, cost, **gen_kwargs)
 
-    @torch.no_grad()
     def generate(
         self, inputs, budget: float | None = None, return_details: bool = False, attention_mask: torch.Tensor | None = None,
         **gen_kwargs,
@@ -122,32 +109,23 @@ class SkipModel:
         """
         if self.kind != "generation":
             raise ValueError("this checkpoint is a classifier: use classify()")
-        ids, mask = self.encode(inputs, attention_mask)
-        obs = self.runtime.observe(ids, mask)
-        plan, cost = self._plan(obs, budget)
-        out = self.runtime.generate(obs, plan, **{**self.gen_kwargs, **gen_kwargs})
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+        out = self.run(inputs, budget, attention_mask, **gen_kwargs)
         if not return_details:
-            return texts
-        ratios = ((out.flops + cost) / out.full_flops).tolist()
-        sources = self.tokenizer.batch_decode(ids, skip_special_tokens=True) if isinstance(inputs, torch.Tensor) else (
-            [inputs] if isinstance(inputs, str) else list(inputs)
-        )
+            return out.predictions
+        if isinstance(inputs, torch.Tensor):
+            sources = self.tokenizer.batch_decode(inputs if inputs.dim() == 2 else inputs[None], skip_special_tokens=True)
+        else:
+            sources = [inputs] if isinstance(inputs, str) else list(inputs)
         return [
-            {"text": s, "generation": g, "flops_ratio": r, "skipped": plan.skipped_names(i)}
-            for i, (s, g, r) in enumerate(zip(sources, texts, ratios))
+            {"text": s, "generation": g, "flops_ratio": r, "skipped": out.plan.skipped_names(i)}
+            for i, (s, g, r) in enumerate(zip(sources, out.predictions, out.flops_ratio.tolist()))
         ]
 
-    @torch.no_grad()
     def classify(self, inputs, budget: float | None = None, attention_mask: torch.Tensor | None = None) -> list[int]:
         """Class ids for ``inputs`` (texts or input ids), each with its own plan (classification checkpoints)."""
         if self.kind != "classification":
             raise ValueError("this checkpoint is a generator: use generate()")
-        ids, mask = self.encode(inputs, attention_mask)
-        obs = self.runtime.observe(ids, mask)
-        plan, _ = self._plan(obs, budget)
-        logits, _, _, _ = self.runtime.classify(obs, plan)
-        return logits.argmax(-1).tolist()
+        return self.run(inputs, budget, attention_mask).predictions
 
 
 def _run_config(run_dir: Path):
@@ -191,10 +169,6 @@ def load(path: str | Path, name: str = "last", backbone: str | None = None, thre
         ValueError: a truncated or corrupted checkpoint, or a backbone other than the one the policy was
             trained on (one line naming both).
     """
-    from rlskip.backbone import load_backbone, load_tokenizer
-    from rlskip.checkpoint import load_checkpoint, verify_backbone
-    from rlskip.runtime import get_runtime
-
     run_dir = Path(path)
     ckpt = load_checkpoint(run_dir, name)
     cfg = _run_config(run_dir)
@@ -204,22 +178,24 @@ def load(path: str | Path, name: str = "last", backbone: str | None = None, thre
     id2label = ref["config"].get("id2label") or {}
     model_src, tok_src = _backbone_source(run_dir, ref, backbone)
     revision = None if backbone is not None else ref.get("revision")
-    model = load_backbone(model_src, kind, len(id2label) or None, revision).eval()
+    head = "classifier" if kind == "classification" else "lm"
+    model = load_backbone(model_src, head, len(id2label) or None, revision)
     try:
         verify_backbone(ckpt, model)
     except ValueError as e:
         raise ValueError(f"backbone {model_src} does not fit checkpoint {run_dir / name}: {e}") from None
     tokenizer = load_tokenizer(tok_src, revision)
+    runtime = get_runtime(model)
     gen_kwargs, max_source = {}, DEFAULT_MAX_SOURCE_TOKENS
     if cfg is not None and "env" in cfg:
-        from rlskip.train import gen_kwargs as run_gen_kwargs
-
-        gen_kwargs = run_gen_kwargs(cfg)
+        gen_kwargs = generation_settings(cfg)
         max_source = int(cfg.env.max_source_tokens)
-    max_source = min(max_source, int(getattr(model.config, "max_position_embeddings", max_source)))
+    if runtime.dims.max_positions is not None:
+        max_source = min(max_source, runtime.dims.max_positions)
     if threshold is None:
         threshold = float(ckpt.extra.get("threshold", DEFAULT_THRESHOLD))
-    return SkipModel(model, tokenizer, ckpt.build_policy(), get_runtime(model), ckpt, threshold, gen_kwargs, max_source, kind)
+    executor = Executor(runtime, Encoder(tokenizer, max_source), kind, gen_kwargs)
+    return SkipModel(model, tokenizer, ckpt.build_policy(), runtime, ckpt, threshold, executor)
 
 
 def read_texts(path: str | Path) -> list[str]:

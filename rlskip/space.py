@@ -1,15 +1,17 @@
 """SkipSpace: the ordered skippable units of one backbone, and the bit <-> name map a policy acts on.
 
-A *candidate* is one sub-layer that a plan may switch off. Names are ``<stack>.<layer>.<kind>``, e.g.
-``enc.3.ffn`` or ``dec.0.cross_attn``; kinds are
+A *candidate* is one sub-layer that a plan may switch off. Names are ``<stack>.<layer>.<part>`` for
+encoder-decoder models (``enc.3.ffn``, ``dec.0.cross_attn``) and ``<layer>.<part>`` for single-stack models
+(decoder-only and encoder-only: ``4.attn``, ``4.ffn``). Candidate kinds are
 
 - encoder-decoder models: ``enc_attn``, ``enc_ffn``, ``dec_self_attn``, ``dec_cross_attn``, ``dec_ffn``;
 - decoder-only and encoder-only models: ``attn``, ``ffn``.
 
-Some candidates are *fixed on* and get no bit: the whole first encoder layer (its output is what the
-policy reads, so it must run before any decision is made). The bits of a plan are, in order, the
-remaining *skippable* candidates. Input tokens are the separate *token* candidate: a per-position keep
-mask, applied after the first encoder layer, that never drops special tokens.
+Some candidates are *fixed on* and get no bit: the whole first layer of the stack that reads the input
+(the encoder's, or a single stack's): its output is what the policy reads, so it must run before any
+decision is made. The bits of a plan are, in order, the remaining *skippable* candidates. Input tokens are
+the separate *token* candidate: a per-position keep mask, applied after that first layer, that never drops
+special (or prompt-template) tokens.
 
 A SkipSpace is saved as JSON with every checkpoint, so a policy is never applied to a backbone whose layout
 differs from the one it was trained on (:meth:`SkipSpace.check_compatible`).
@@ -31,8 +33,8 @@ _KIND_PARTS = {
     "dec_self_attn": ("dec", "self_attn"),
     "dec_cross_attn": ("dec", "cross_attn"),
     "dec_ffn": ("dec", "ffn"),
-    "attn": ("layer", "attn"),
-    "ffn": ("layer", "ffn"),
+    "attn": (None, "attn"),
+    "ffn": (None, "ffn"),
 }
 
 
@@ -46,7 +48,7 @@ class Candidate:
     @property
     def name(self) -> str:
         stack, part = _KIND_PARTS[self.kind]
-        return f"{stack}.{self.layer}.{part}"
+        return f"{self.layer}.{part}" if stack is None else f"{stack}.{self.layer}.{part}"
 
 
 class SkipSpace:
@@ -93,7 +95,7 @@ class SkipSpace:
     def single_stack(cls, family: str, layers: int, token_dropping: bool = False) -> "SkipSpace":
         """Layout of a decoder-only or encoder-only model; the first layer is fixed on."""
         cands = [Candidate(k, i) for i in range(layers) for k in SINGLE_STACK_KINDS]
-        return cls(family, cands, fixed=("layer.0.attn", "layer.0.ffn"), token_dropping=token_dropping)
+        return cls(family, cands, fixed=("0.attn", "0.ffn"), token_dropping=token_dropping)
 
     # -- the bit map --------------------------------------------------------------------------------
     @property

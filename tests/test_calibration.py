@@ -9,7 +9,7 @@ from rlskip import evaluation
 from rlskip.config import compose
 from rlskip.constraints import Lexicographic
 from rlskip.evaluation import MethodResult, calibrate_threshold, drop_upper_bound
-from rlskip.train import split_calibration
+from rlskip.envs.data import split_calibration
 
 
 @pytest.mark.parametrize("k, n", [(0, 512), (1, 512), (3, 1024), (10, 200)])
@@ -59,33 +59,33 @@ def test_calibration_picks_the_cheapest_threshold_whose_bound_holds(monkeypatch)
         per = [0.0] * k + [1.0] * (n - k)
         return MethodResult(quality=sum(per) / n, flops_ratio=f, per_item=per, per_item_flops_ratio=[f] * n, predictions=[])
 
+    monkeypatch.setattr(evaluation, "planned", lambda source: source)
     monkeypatch.setattr(evaluation, "full_model", lambda space: "full")
     monkeypatch.setattr(evaluation, "policy_plans", lambda policy, space, t, budget=None: t)
     monkeypatch.setattr(
-        evaluation, "run_method", lambda rt, task, tok, ex, src, g, msl: result(0, 1.0) if src == "full" else result(fails[src], flops[src])
+        evaluation, "run_method", lambda ex, task, data, method: result(0, 1.0) if method == "full" else result(fails[method], flops[method])
     )
 
-    class RT:
+    class Ex:
         space = None
 
-    t, table = calibrate_threshold(RT(), None, None, [], None, Lexicographic(0.01), {}, 8, thresholds=tuple(fails))
+    t, table = calibrate_threshold(Ex(), None, None, None, Lexicographic(0.01), thresholds=tuple(fails))
     assert t == 0.1
     assert [row["satisfied"] for row in table] == [False, False, True]
     assert all(row["quality_full"] - row["quality"] <= 0.01 + 1e-12 for row in table[1:])  # the mean alone would pass 0.2
     # at confidence 0.5 (about the point estimate) the cheaper threshold passes
-    t, _ = calibrate_threshold(RT(), None, None, [], None, Lexicographic(0.01), {}, 8, thresholds=tuple(fails), confidence=0.5)
+    t, _ = calibrate_threshold(Ex(), None, None, None, Lexicographic(0.01), thresholds=tuple(fails), confidence=0.5)
     assert t == 0.2
 
 
 def test_calibration_instances_are_held_out_of_training():
-    cfg = compose(["eval.calibration_instances=10"])
     data = list(range(100))
-    train, calib = split_calibration(cfg, data)
+    train, calib = split_calibration(data, 10)
     assert calib == list(range(90, 100)) and train == list(range(90))
-    train, calib = split_calibration(cfg, data[:20])  # at most a quarter
+    train, calib = split_calibration(data[:20], 10)  # at most a quarter
     assert len(calib) == 5 and not set(train) & set(calib)
     with pytest.raises(ValueError, match="calibration needs held-out training instances"):
-        split_calibration(cfg, data[:3])
+        split_calibration(data[:3], 10)
 
 
 def test_calibration_confidence_is_validated_at_compose():

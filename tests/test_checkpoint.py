@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from rlskip import checkpoint as ck
-from rlskip.agents.policy import SkipPolicy
+from rlskip.policy import SkipPolicy
 from rlskip.checkpoint import (
     atomic_write_text,
     backbone_hash,

@@ -294,7 +294,7 @@ def test_bad_inputs_fail_with_clear_errors(model, tokenizer, task, examples):
         env.reset(options={"budget": 1.5})
     with pytest.raises(ValueError, match="max_source_tokens must be in 1..64"):
         SkipEnv(model, tokenizer, task, examples, max_source_tokens=65)
-    with pytest.raises(ValueError, match="classification task but the model is a generator"):
+    with pytest.raises(ValueError, match="a classification task needs a sequence classifier, but the backbone is a generator"):
         SkipEnv(model, tokenizer, get_task("glue", config="sst2"), examples)
     with pytest.raises(ValueError, match="unknown metric"):
         SkipEnv(model, tokenizer, task, examples, fidelity="bleu")
@@ -318,7 +318,7 @@ def test_ppo_runs_on_the_vec_env(model, tokenizer, task, examples, tmp_path):
 def test_policy_decides_at_inference_as_it_saw_in_training(model, tokenizer, task, examples):
     """The environment's observation and the inference path (``observation_inputs`` on a fresh ``observe``)
     give a length-reading policy the same logits, so what it learned is what it deploys."""
-    from rlskip.agents.policy import SkipPolicy, observation_inputs
+    from rlskip.policy import SkipPolicy, observation_inputs
     from rlskip.runtime import get_runtime
 
     env = make_env(model, tokenizer, task, examples, seed=1)

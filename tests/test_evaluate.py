@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlskip.evaluate import calibrate_keep_prob, every_other_layer_bits
+from rlskip.evaluate import calibrate_keep_prob
 from rlskip.evaluate import main as evaluate_main
 
 from test_inference import _error_line, one_thread, trained_run  # noqa: F401  (one_thread: autouse)
@@ -26,7 +26,7 @@ def test_evaluate_writes_every_method_csv_and_a_png_that_opens(run_dir, tmp_path
     import matplotlib.image
 
     out = tmp_path / "eval"
-    assert evaluate_main([f"ckpt={run_dir}", "name=last", f"out={out}", "thresholds=0,0.8,2"] + SMALL) == 0
+    assert evaluate_main([f"ckpt={run_dir}", "name=last", f"out={out}", "thresholds=[0,0.8,2]"] + SMALL) == 0
     result = json.loads((out / "eval.json").read_text())
     methods = {m["method"]: m for m in result["methods"]}
     want = {"full", "policy", "layerdrop", "static@policy", "random@policy", "early_exit@0", "early_exit@0.8", "early_exit@2"}
@@ -53,17 +53,18 @@ def test_evaluate_writes_every_method_csv_and_a_png_that_opens(run_dir, tmp_path
 
 def test_evaluate_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
     assert evaluate_main([f"ckpt={run_dir}", "colour=red"]) == 2
-    assert "unknown key 'colour'" in _error_line(capsys)
+    assert "unknown config key 'colour'" in _error_line(capsys)
     assert evaluate_main([f"ckpt={tmp_path / 'missing'}"]) == 2
     assert "run directory not found" in _error_line(capsys)
-    assert evaluate_main([f"ckpt={run_dir}", "budgets=0.3,0.5"] + SMALL) == 2
-    assert "budget-conditioned" in _error_line(capsys)
-    assert evaluate_main([f"ckpt={run_dir}", "thresholds=a,b"] + SMALL) == 2
+    assert evaluate_main([f"ckpt={run_dir}", "thresholds=[a,b]"] + SMALL) == 2
     assert "thresholds" in _error_line(capsys)
+    assert evaluate_main([f"ckpt={run_dir}"] + SMALL + ["repeats=0"]) == 2
+    assert "repeats must be positive" in _error_line(capsys)
     assert not (run_dir / "eval").exists()  # nothing written by a failed evaluation
 
 
 def test_layerdrop_skips_every_second_layer_but_never_the_first():
+    from rlskip.methods import every_other_layer_bits, truncation_bits
     from rlskip.space import SkipSpace
 
     space = SkipSpace.encoder_decoder("bart", 4, 3)
@@ -72,6 +73,13 @@ def test_layerdrop_skips_every_second_layer_but_never_the_first():
     assert skipped == {
         "enc.1.attn", "enc.1.ffn", "enc.3.attn", "enc.3.ffn", "dec.1.self_attn", "dec.1.cross_attn", "dec.1.ffn",
     }
+    single = SkipSpace.single_stack("llama", 5, token_dropping=True)
+    skipped = {single.name(j) for j in (~every_other_layer_bits(single)).nonzero().flatten().tolist()}
+    assert skipped == {"1.attn", "1.ffn", "3.attn", "3.ffn"}
+    skipped = {single.name(j) for j in (~truncation_bits(single, 2)).nonzero().flatten().tolist()}
+    assert skipped == {"3.attn", "3.ffn", "4.attn", "4.ffn"}
+    with pytest.raises(ValueError, match="single-stack"):
+        truncation_bits(space, 1)
 
 
 def test_random_keep_probability_is_calibrated_to_the_target_ratio():

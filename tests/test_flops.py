@@ -1,83 +1,61 @@
-"""Analytic FLOPs against torch's FlopCounterMode, on Hugging Face's forward and on the runtime itself."""
+"""FLOPs primitives against FlopCounterMode on the operations they describe (the per-family tables are
+checked against the runtimes in test_contract.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BartForConditionalGeneration
 
-from rlskip.flops import encoder_decoder_flops
-from rlskip.plan import Plan
-from rlskip.runtime import get_runtime
-
-from conftest import tiny_bart_config
+from rlskip import flops as fl
 
 
 def _count(fn) -> int:
-    # FlopCounterMode has no formula for the CPU flash-attention kernel; the math backend decomposes SDPA
-    # into the matmuls it does count
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops()
 
 
-@pytest.fixture(scope="module")
-def small_vocab_bart():
-    """Small vocabulary so attention and FFN, not the LM head, dominate the count."""
-    torch.manual_seed(0)
-    return BartForConditionalGeneration(tiny_bart_config(300, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128)).eval()
+def _gqa_attention(a: fl.AttentionShape, x: torch.Tensor, kv: torch.Tensor, w) -> torch.Tensor:
+    q = F.linear(x, w["q"]).view(1, -1, a.heads, a.head_dim).transpose(1, 2)
+    k = F.linear(kv, w["k"]).view(1, -1, a.kv_heads, a.head_dim).transpose(1, 2)
+    v = F.linear(kv, w["v"]).view(1, -1, a.kv_heads, a.head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return F.linear(o.transpose(1, 2).reshape(1, -1, a.heads * a.head_dim), w["o"])
 
 
-def test_full_model_count_within_2_percent_of_flop_counter_on_hf_forward(small_vocab_bart):
-    tiny_bart = small_vocab_bart
-    rt = get_runtime(tiny_bart)
-    src, tgt = 40, 12
-    ids = torch.randint(4, 300, (1, src))
-    dec = torch.randint(4, 300, (1, tgt))
-    with torch.no_grad():
-        measured = _count(lambda: tiny_bart(input_ids=ids, decoder_input_ids=dec))
-    _, full = rt.flops(Plan.all_ones(rt.space, 1), src, tgt, teacher_forced=True)
-    assert abs(full.item() - measured) / measured < 0.02
+def test_attention_with_separate_query_and_key_value_heads():
+    a = fl.AttentionShape(d_model=48, heads=6, kv_heads=2, head_dim=10)
+    w = {"q": torch.randn(60, 48), "k": torch.randn(20, 48), "v": torch.randn(20, 48), "o": torch.randn(48, 60)}
+    x, mem = torch.randn(1, 7, 48), torch.randn(1, 11, 48)
+    assert _count(lambda: _gqa_attention(a, x, mem, w)) == fl.attention(a, 7, 11)
+    assert fl.attention(fl.AttentionShape.mha(64, 4), 5, 5) == 8 * 5 * 64 * 64 + 4 * 5 * 5 * 64
 
 
-def test_generation_count_matches_flop_counter_on_the_runtime(small_vocab_bart):
-    tiny_bart = small_vocab_bart
-    """The runtime executes exactly the analytic count, so a skipped sub-layer really costs nothing."""
-    rt = get_runtime(tiny_bart)
-    ids = torch.randint(4, 300, (3, 30))
-    obs = rt.observe(ids)
-    g = torch.Generator().manual_seed(3)
-    plan = Plan(rt.space, torch.rand(3, rt.space.n_bits, generator=g) < 0.5)
-    first_layer = _count(lambda: rt.observe(ids))
-    for kw in (dict(max_new_tokens=9, min_new_tokens=9), dict(max_new_tokens=9, min_new_tokens=9, num_beams=3)):
-        box = {}
-        measured = _count(lambda: box.update(out=rt.generate(obs, plan, **kw)))
-        out = box["out"]
-        assert (out.steps == 9).all()
-        analytic = out.flops.sum().item()
-        assert abs(analytic - (measured + first_layer)) / analytic < 1e-6, kw
-        assert (out.flops < out.full_flops).all()
+def test_cached_self_attention_is_the_sum_of_its_steps():
+    a = fl.AttentionShape(d_model=32, heads=4, kv_heads=1, head_dim=8)
+    steps, past = 9, 13
+    explicit = sum(fl.attention(a, 1, past + t + 1, 1) for t in range(steps))
+    assert fl.cached_self_attention(a, steps, past) == explicit
+    assert fl.kv_projection(a, 3) == 2 * fl.linear(3, 32, 8)
 
 
-def test_skipping_one_candidate_lowers_count_by_its_share(small_vocab_bart):
-    tiny_bart = small_vocab_bart
-    rt = get_runtime(tiny_bart)
-    full_plan = Plan.all_ones(rt.space, 1)
-    base, full = rt.flops(full_plan, 50, 10, beams=2)
-    assert base.item() == full.item()
-    ids = torch.randint(4, 300, (1, 50))
-    obs = rt.observe(ids)
-    for name in rt.space.names:
-        one = Plan.from_skips(rt.space, [[name]])
-        executed, _ = rt.flops(one, 50, 10, beams=2)
-        from rlskip.flops import encoder_decoder_flops
+def test_plain_and_gated_mlp_and_lm_head():
+    x = torch.randn(5, 16)
+    w1, w2, w3 = torch.randn(40, 16), torch.randn(16, 40), torch.randn(40, 16)
+    assert _count(lambda: F.linear(F.relu(F.linear(x, w1)), w2)) == fl.mlp(5, 16, 40)
+    assert _count(lambda: F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)) == fl.mlp(5, 16, 40, gated=True)
+    assert _count(lambda: F.linear(x, torch.randn(100, 16))) == fl.lm_head(5, 16, 100)
 
-        _, per = encoder_decoder_flops(rt.dims, rt.space, torch.tensor([50]), torch.tensor([50]), torch.tensor([10]), 2)
-        assert executed.item() == base.item() - per[0, rt.space.bit(name)].item()
-        # and the runtime really saves that much
-        kw = dict(max_new_tokens=10, min_new_tokens=10)
-        saved = _count(lambda: rt.generate(obs, full_plan, **kw)) - _count(lambda: rt.generate(obs, one, **kw))
-        _, per1 = encoder_decoder_flops(rt.dims, rt.space, torch.tensor([50]), torch.tensor([50]), torch.tensor([10]), 1)
-        assert abs(saved - per1[0, rt.space.bit(name)].item()) < 1e-6 * base.item(), name
+
+def test_per_instance_lengths_and_plan_flops():
+    n = fl.lengths([3, 4, 10])[0]
+    a = fl.AttentionShape.mha(8, 2)
+    got = fl.attention(a, n, n)
+    assert got.dtype == torch.float64 and got.tolist() == [fl.attention(a, k, k) for k in (3, 4, 10)]
+    fixed, per = torch.tensor([1.0, 2.0]), torch.tensor([[10.0, 100.0], [20.0, 200.0]])
+    bits = torch.tensor([[True, False], [False, True]])
+    assert fl.plan_flops(fixed, per, bits).tolist() == [11.0, 202.0]
+    policy = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    assert fl.mlp_flops(policy, rows=2, tokens_per_row=5) == 2 * (32 + 12) * 2 * 5

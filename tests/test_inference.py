@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlskip.execute import Executor
 from rlskip.generate import main as generate_main
 
 from test_train import TINY
@@ -67,23 +68,24 @@ def _reference(run_dir: Path, name: str, threshold: float) -> dict:
     """Plans and outputs computed from the checkpoint's parts directly (no rlskip.inference)."""
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
-    from rlskip.checkpoint import load_checkpoint
-    from rlskip.envs.tasks.base import Example
-    from rlskip.evaluation import encode_batch, policy_plans
-    from rlskip.runtime import get_runtime
-    from rlskip.train import gen_kwargs
     from omegaconf import OmegaConf
+
+    from rlskip.checkpoint import load_checkpoint
+    from rlskip.config import generation_settings
+    from rlskip.encoding import Encoder
+    from rlskip.methods import policy_plans
+    from rlskip.runtime import get_runtime
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     ckpt = load_checkpoint(run_dir, name)
     model = BartForConditionalGeneration.from_pretrained(run_dir / "generator").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "generator")
     rt = get_runtime(model)
-    ids, mask = encode_batch(tok, [Example(str(i), t) for i, t in enumerate(TEXTS)], cfg.env.max_source_tokens)
+    ids, mask = Encoder(tok, cfg.env.max_source_tokens).encode(TEXTS)
     with torch.no_grad():
         obs = rt.observe(ids, mask)
         plan, cost = policy_plans(ckpt.build_policy(), rt.space, threshold)(obs)
-        out = rt.generate(obs, plan, **gen_kwargs(cfg))
+        out = rt.generate(obs, plan, **generation_settings(cfg))
     gens = [t.strip() for t in tok.batch_decode(out.sequences, skip_special_tokens=True)]
     return {"bits": plan.bits.tolist(), "generations": gens, "flops_ratio": ((out.flops + cost) / out.full_flops).tolist()}
 
@@ -126,7 +128,7 @@ def test_in_process_load_agrees_with_input_ids_and_decide(run_dir):
     import rlskip
 
     m = rlskip.load(run_dir, name="last", threshold=0.96)
-    ids, mask = m.encode(TEXTS)
+    ids, mask = m.executor.encoder.encode(TEXTS)
     assert m.generate(ids, attention_mask=mask) == m.generate(TEXTS)
     assert m.generate(ids) == m.generate(TEXTS)  # the mask defaults to the non-pad positions
     plan = m.decide(TEXTS)
@@ -187,7 +189,7 @@ def test_generate_cli_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
     from transformers import BartConfig, BartForConditionalGeneration
 
     assert generate_main([f"ckpt={run_dir}", "text=x", "colour=red"]) == 2
-    assert "unknown key 'colour'" in _error_line(capsys)
+    assert "unknown config key 'colour'" in _error_line(capsys)
     assert generate_main([f"ckpt={tmp_path / 'missing'}", "text=x"]) == 2
     assert "run directory not found" in _error_line(capsys)
     broken = tmp_path / "broken"
@@ -209,25 +211,21 @@ def test_generate_cli_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
 
 
 def test_early_exit_never_exiting_is_the_full_model_and_low_thresholds_save_flops(run_dir):
-    from transformers import AutoTokenizer, BartForConditionalGeneration
+    import rlskip
+    from rlskip.methods import EarlyExit, full_model, planned
 
-    from rlskip.plan import Plan
-    from rlskip.runtime import get_runtime
-
-    model = BartForConditionalGeneration.from_pretrained(run_dir / "generator").eval()
-    tok = AutoTokenizer.from_pretrained(run_dir / "generator")
-    rt = get_runtime(model)
-    enc = tok(TEXTS, padding=True, return_tensors="pt")
-    obs = rt.observe(enc.input_ids, enc.attention_mask)
-    full = rt.generate(obs, Plan.all_ones(rt.space, len(TEXTS)), max_new_tokens=12)
-    never = rt.generate_early_exit(obs, 1.5, max_new_tokens=12)
-    assert torch.equal(never.sequences, full.sequences) and torch.equal(never.steps, full.steps)
+    m = rlskip.load(run_dir, name="last")
+    ex = m.executor
+    obs = m.observe(TEXTS)
+    full = planned(full_model(m.space))(ex, obs)
+    never = EarlyExit(1.5)(ex, obs)
+    assert never.predictions == full.predictions and torch.equal(never.steps, full.steps)
     assert torch.equal(never.full_flops, full.flops)
     # never exiting costs exactly the intermediate LM-head evaluations on top of the full model
-    d = rt.dims
-    extra = full.steps.double() * (d.decoder_layers - 1) * 2 * d.d_model * d.vocab
+    cfg = m.model.config
+    extra = full.steps.double() * (cfg.decoder_layers - 1) * 2 * cfg.d_model * cfg.vocab_size
     assert torch.allclose(never.flops - full.flops, extra)
-    low = rt.generate_early_exit(obs, 0.0, max_new_tokens=12)  # every token exits after the first layer
+    low = EarlyExit(0.0)(ex, obs)  # every token exits after the first layer
     assert bool((low.flops_ratio < 1.0).all()) and bool((low.flops_ratio < never.flops_ratio).all())
     with pytest.raises(ValueError, match="num_beams"):
-        rt.generate_early_exit(obs, 0.5, max_new_tokens=4, num_beams=2)
+        EarlyExit(0.5)(Executor(m.runtime, ex.encoder, "generation", {"max_new_tokens": 4, "num_beams": 2}), obs)

@@ -8,8 +8,9 @@ import torch
 from stable_baselines3.common.env_checker import check_env  # noqa: F401  (the toy env is an SB3 VecEnv)
 from stable_baselines3.common.logger import configure
 
-from rlskip.agents.policy import SkipPolicy
-from rlskip.agents.reinforce import Reinforce, ReinforceConfig
+from rlskip.policy import SkipPolicy
+from rlskip.agents.reinforce import Reinforce
+from rlskip.config import PPOConfig, ReinforceConfig
 from rlskip.constraints import make_constraint
 
 from toy_env import D, ToyVecEnv, is_easy
@@ -109,11 +110,10 @@ def test_lexicographic_keeps_quality_while_cutting_cost(baseline, tmp_path):
 
 def test_ppo_learner_improves_lexicographic_objective(tmp_path):
     from rlskip.agents.ppo import PPOLearner
-    from omegaconf import OmegaConf
 
     env = ToyVecEnv(32, seed=1)
-    agent = OmegaConf.create(dict(lr=3e-3, n_steps=4, n_epochs=4, clip_range=0.2, entropy_coef=0.0, value_coef=0.5, hidden=32, token_head=False, length_input=False, normalize_advantage=True))
-    learner = PPOLearner(env, make_constraint("lexicographic", max_quality_drop=0.01), configure(str(tmp_path), ["csv"]), agent, tmp_path, seed=1)
+    agent = PPOConfig(lr=3e-3, entropy_coef=0.0, hidden=32, length_input=False, normalize_advantage=True)
+    learner = PPOLearner(env, make_constraint("lexicographic", max_quality_drop=0.01), configure(str(tmp_path), ["csv"]), agent, seed=1)
     first = [learner.train_iteration() for _ in range(2)]
     for _ in range(40):
         learner.train_iteration()
@@ -124,7 +124,7 @@ def test_ppo_learner_improves_lexicographic_objective(tmp_path):
     # SB3's own zip loads with PPO.load and acts like the live policy
     from stable_baselines3 import PPO
 
-    learner.save_native(tmp_path)
+    learner.save(tmp_path)
     loaded = PPO.load(tmp_path / "ppo.zip", device="cpu")
     obs = env.reset()
     a1, _ = learner.model.predict(obs, deterministic=True)

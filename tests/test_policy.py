@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlskip.agents.policy import SkipPolicy, observation_inputs
-from rlskip.flops import Dims, encoder_decoder_flops
+from rlskip.policy import SkipPolicy, observation_inputs
 from rlskip.runtime.base import Observation
-from rlskip.space import SkipSpace
 
 D, BITS = 16, 10
 
@@ -159,20 +157,27 @@ def test_flops_count_and_share_of_a_bart_base_forward():
     assert SkipPolicy(D, BITS, hidden=8, budget_input=True).flops(5) == pol.flops(5) + 2 * 8
 
     # bart-base: d 768, ffn 3072, 6 + 6 layers; a short input and a one-step output is the worst case
-    space = SkipSpace.encoder_decoder("bart", 6, 6)
-    base = SkipPolicy(768, space.n_bits, hidden=64, budget_input=True)
-    dims = Dims(768, 3072, 3072, 50265, 6, 6)
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from rlskip.plan import Plan
+    from rlskip.runtime import get_runtime
+
+    with torch.device("meta"):  # the shapes are all the FLOPs table reads
+        rt = get_runtime(BartForConditionalGeneration(BartConfig(
+            vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+            decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+        )))
+    base = SkipPolicy(768, rt.space.n_bits, hidden=64, budget_input=True)
     for src, steps in ((16, 1), (512, 64)):
-        fixed, per = encoder_decoder_flops(dims, space, torch.tensor([src]), torch.tensor([src]), torch.tensor([steps]))
-        full = float(fixed + per.sum())
-        assert 0 < base.flops(src) < 0.01 * full
+        _, full = rt.flops(Plan.all_ones(rt.space, 1), src, steps=steps)
+        assert 0 < base.flops(src) < 0.01 * float(full)
 
 
 def test_observation_inputs_mask_out_padding_as_the_environment_does():
     hidden = torch.randn(2, 5, D)
     attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     special = torch.tensor([[1, 0, 0, 0, 1], [1, 0, 1, 0, 0]], dtype=torch.bool)
-    obs = Observation(hidden, attn, torch.zeros(2, 5, dtype=torch.long), special)
+    obs = Observation(hidden, attn, torch.zeros(2, 5, dtype=torch.long), special, torch.arange(5).expand(2, 5))
     inp = observation_inputs(obs)
     assert inp["token_mask"].tolist() == attn.tolist()
     torch.testing.assert_close(inp["pooled"], obs.pooled())

@@ -104,22 +104,30 @@ def test_small_bart_config_matches_tokenizer(tokenizer):
 def test_train_generator_lowers_loss_of_a_tiny_model(tokenizer):
     from transformers import BartForConditionalGeneration
 
-    from rlskip.agents.warmup import exact_match_by_group, train_generator
+    from rlskip.agents.warmup import train_generator
+    from rlskip.encoding import Encoder
+    from rlskip.evaluation import EvalData, run_method
+    from rlskip.execute import Executor
+    from rlskip.methods import planned, random_plans
+    from rlskip.runtime import get_runtime
 
     torch.manual_seed(0)
     cfg = small_bart_config(len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64,
                             decoder_ffn_dim=64)
     model = BartForConditionalGeneration(cfg)
     task = SyntheticTask(seed=0, n_train=500, n_eval=20, max_len=8)
-    stats = train_generator(model, tokenizer, task.load("train"), steps=60, batch_size=16, lr=1e-2, skip_prob=0.25,
+    encoder = Encoder(tokenizer, 64)
+    stats = train_generator(model, encoder, task.load("train"), steps=60, batch_size=16, lr=1e-2, skip_prob=0.25,
                             progress=False)
     assert stats.steps == 60 and len(stats.losses) == 60 and stats.seconds > 0
     first, last = sum(stats.losses[:10]) / 10, sum(stats.losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
     assert not model.training
-    em = exact_match_by_group(model, tokenizer, task, task.load("validation"), skip_prob=0.5, max_new_tokens=12)
-    assert set(em) == {"all"} | {e.group for e in task.load("validation")}
-    assert all(0.0 <= v <= 1.0 for v in em.values())
+    ex = Executor(get_runtime(model), encoder, "generation", {"max_new_tokens": 12})
+    validation = task.load("validation")
+    res = run_method(ex, task, EvalData.encode(ex, validation), planned(random_plans(ex.space, 0.5)))
+    assert set(res.by_group) == {e.group for e in validation}
+    assert all(0.0 <= v <= 1.0 for v in res.by_group.values())
 
 
 def test_train_generator_rejects_bad_settings(tokenizer):
@@ -127,11 +135,14 @@ def test_train_generator_rejects_bad_settings(tokenizer):
 
     from rlskip.agents.warmup import train_generator
 
+    from rlskip.encoding import Encoder
+
     model = BartForConditionalGeneration(small_bart_config(len(tokenizer), d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64))
     exs = SyntheticTask(n_train=10, n_eval=1).load("train")
+    encoder = Encoder(tokenizer, 64)
     with pytest.raises(ValueError, match="steps or time_budget"):
-        train_generator(model, tokenizer, exs)
+        train_generator(model, encoder, exs)
     with pytest.raises(ValueError, match="skip_prob"):
-        train_generator(model, tokenizer, exs, steps=1, skip_prob=1.0)
+        train_generator(model, encoder, exs, steps=1, skip_prob=1.0)
     with pytest.raises(ValueError, match="at least one example"):
-        train_generator(model, tokenizer, [], steps=1)
+        train_generator(model, encoder, [], steps=1)

@@ -10,7 +10,7 @@ import datasets
 import pytest
 from huggingface_hub import constants as hub_constants
 from rlskip.envs.tasks import TASKS, get_task, hf_data
-from rlskip.envs.tasks.encoding import encode_examples, encode_targets
+from rlskip.encoding import encode_examples, encode_targets
 
 from rlskip.metrics import METRICS
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from rlskip.train import main
 
-from conftest import DATA_DIR, TOKENIZER_DIR, tiny_bart_config
+from conftest import DATA_DIR, tiny_bart_config
 
 TINY = [
     "backbone.warmup.steps=20", "backbone.warmup.time_budget_s=0", "agent.iterations=4", "agent.n_envs=8",
@@ -33,9 +34,9 @@ def _error_line(capsys) -> str:
 
 
 def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
+    from rlskip.agents.trainer import select_policy
     from rlskip.checkpoint import load_checkpoint
     from rlskip.constraints import Lexicographic
-    from rlskip.train import select_policy
 
     run = tmp_path / "run"
     assert main(TINY + [f"run_dir={run}"]) == 0
@@ -81,8 +82,8 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
 
 
 def test_select_policy_prefers_the_constraint_then_compute():
+    from rlskip.agents.trainer import select_policy
     from rlskip.constraints import Budget, Lexicographic
-    from rlskip.train import select_policy
 
     def row(sat, flops, q=0.99, bound=0.005):
         return {"satisfied": sat, "flops_ratio": flops, "quality": q, "drop_upper_bound": bound}
@@ -225,26 +226,29 @@ def test_bad_inputs_fail_in_one_line_and_keep_existing_runs(tmp_path, capsys, mo
     assert (keep / "summary.json").read_text() == "{}"
 
 
-def test_group_size_and_policies_are_validated_at_compose():
+def test_agent_and_constraint_values_are_validated_at_compose():
+    """Each agent and constraint has its own schema: keys of another option are unknown, and ranges, divisors
+    and combinations fail in one line naming the key."""
     from rlskip.config import compose
 
-    with pytest.raises(ValueError, match="agent.group_size=3 must be a positive divisor of agent.n_envs=32"):
-        compose(["agent.group_size=3"])
-    with pytest.raises(ValueError, match="agent.group_size is for agent=reinforce"):
-        compose(["agent=ppo", "+agent.group_size=4"])
-    with pytest.raises(ValueError, match="agent.policies=0, expected 1 or more"):
-        compose(["agent.policies=0"])
+    cases = {
+        ("agent.group_size=3",): "agent.group_size=3, expected a positive divisor of agent.n_envs=32",
+        ("agent=ppo", "agent.group_size=4"): "unknown config key 'agent.group_size'",
+        ("agent=ppo", "agent.lr_decay=0.5"): "unknown config key 'agent.lr_decay'",
+        ("agent.policies=0",): "agent.policies=0, expected a finite number > 0",
+        ("agent.self_critical=true", "agent.group_size=1"): "agent.self_critical=True, expected agent.group_size >= 2",
+        ("agent.lr_decay=1.5",): "agent.lr_decay=1.5, expected a fraction",
+        ("agent.lr=-1",): "agent.lr=-1.0, expected a finite number > 0",
+        ("agent.n_envs=0",): "agent.n_envs=0",
+        ("agent.iterations=-5",): "agent.iterations=-5",
+        ("constraint.max_quality_drop=2",): "constraint.max_quality_drop=2.0, expected a quality drop in [0, 1]",
+        ("constraint=budget", "constraint.budget=1.5"): "constraint.budget=1.5",
+        ("constraint=budget", "constraint.penalty=3"): "unknown config key 'constraint.penalty'",
+        ("constraint=lagrangian", "constraint.lr=-0.1"): "constraint.lr=-0.1",
+        ("env.margin=1", "env.num_beams=4"): "env.margin=1.0, expected 0 with env.num_beams > 1",
+        ("generator.mode=frozen-ish",): "generator.mode='frozen-ish'",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            compose(list(overrides))
     assert compose(["agent=ppo", "agent.policies=2"]).agent.policies == 2
-    with pytest.raises(ValueError, match="agent.self_critical needs agent=reinforce with agent.group_size >= 2"):
-        compose(["agent.self_critical=true", "agent.group_size=1"])
-    with pytest.raises(ValueError, match="agent.lr_decay=1.5, expected a fraction"):
-        compose(["agent.lr_decay=1.5"])
-    with pytest.raises(ValueError, match="agent.lr_decay is for agent=reinforce"):
-        compose(["agent=ppo", "+agent.lr_decay=0.5"])
-
-
-def test_budget_conditioned_policy_trains_and_evaluates(tmp_path):
-    run = tmp_path / "budget"
-    assert main(TINY + ["env.budget_in_obs=true", "constraint=budget", "constraint.budget=0.7", f"run_dir={run}"]) == 0
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["calibration"] and 0.0 < summary["threshold"] < 1.0

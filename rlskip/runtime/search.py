@@ -1,15 +1,15 @@
-"""Decoding loops (greedy and beam search) over a skip-aware decoder, matching Hugging Face ``generate()``.
+"""Decoding loops (greedy, sampling, beam search) over a skip-aware decoder, matching Hugging Face ``generate()``.
 
 The runtime owns the loop because Hugging Face cache objects cannot update a subset of rows, and a plan
-changes which rows run which sub-layer. The search itself is model-agnostic: it drives any object with
+changes which rows run which sub-layer. The loops are model-agnostic: they drive any :class:`SkipDecoder`,
+which a family builds for one batch and plan (``Runtime.decoder``).
 
-- ``step(tokens [rows]) -> logits [rows, vocab]`` (feeds one token per row at the next position), and
-- ``reorder(beam_idx [rows])`` (row ``i`` continues from old row ``beam_idx[i]``).
-
-Token selection reproduces transformers 5.x exactly: the same logits processors (the library's own
-classes, in the library's order), greedy padding of finished rows, and the vectorised beam search (top
-``max(2, 1 + n_eos) * num_beams`` continuations, length penalty ``score / generated_len ** length_penalty``,
-the same early-stopping heuristic and output cropping).
+Token selection reproduces transformers 5.x exactly: the same logits processors and sampling warpers (the
+library's own classes, in the library's order), padding of finished rows, multinomial sampling from the
+processed scores, and the vectorised beam search (top ``max(2, 1 + n_eos) * num_beams`` continuations,
+length penalty ``score / generated_len ** length_penalty``, the same early-stopping heuristic and output
+cropping). Lengths follow ``generate()``: for decoder-only models the prompt counts towards ``max_length``
+and ``min_length``; an encoder-decoder's decoder prompt is its start token.
 """
 
 from __future__ import annotations
@@ -28,22 +28,33 @@ from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 # Options a user may set; anything else that differs from GenerationConfig's default is refused rather than
-# silently ignored (sampling, for instance, would make per-instance costs non-deterministic).
+# silently ignored.
 SUPPORTED = {
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "length_penalty",
     "early_stopping", "no_repeat_ngram_size", "repetition_penalty", "forced_bos_token_id",
     "forced_eos_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
     "num_return_sequences", "use_cache", "output_attentions", "output_hidden_states", "do_sample",
+    "temperature", "top_k", "top_p",
 }
 
 
 class SkipDecoder(Protocol):
-    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+    """What a family hands the search for one batch under one plan (rows = instances x beams, beams adjacent)."""
 
-    def reorder(self, beam_idx: torch.Tensor) -> None: ...
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt (an encoder-decoder: its start token); logits ``[rows, vocab]`` of the first new token."""
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row at the next position; logits ``[rows, vocab]`` of the token after it."""
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Row ``i`` continues from row ``beam_idx[i]``."""
 
 
 @dataclass
@@ -51,19 +62,33 @@ class SearchSettings:
     """Resolved generation settings (model defaults overridden by the caller's keyword arguments)."""
 
     config: GenerationConfig
-    max_length: int  # total decoder length, start token included
+    max_length: int  # total sequence length, prompt (or start token) included
     min_length: int
+    prompt_len: int
     eos: list[int]
     pad: int | None
-    start: int
 
     @property
     def num_beams(self) -> int:
         return int(self.config.num_beams or 1)
 
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_length - self.prompt_len
 
-def resolve_settings(model_generation_config: GenerationConfig, **kwargs) -> SearchSettings:
-    """Merge ``kwargs`` over the model's generation config as ``generate()`` does for encoder-decoders."""
+    @property
+    def do_sample(self) -> bool:
+        return bool(self.config.do_sample)
+
+
+def resolve_settings(model_generation_config: GenerationConfig, prompt_len: int, **kwargs) -> SearchSettings:
+    """Merge ``kwargs`` over the model's generation config as ``generate()`` does.
+
+    Args:
+        model_generation_config: the model's ``generation_config``.
+        prompt_len: width of the prompt as ``generate()`` sees it: 1 (the start token) for an encoder-decoder,
+            the (padded) prompt width for a decoder-only model.
+    """
     cfg = copy.deepcopy(model_generation_config)
     unknown = cfg.update(**kwargs)
     if unknown:
@@ -75,31 +100,32 @@ def resolve_settings(model_generation_config: GenerationConfig, **kwargs) -> Sea
             continue
         if val is not None and val != defaults.get(key):
             raise ValueError(f"generation option {key}={val!r} is not supported by the skip-aware runtime")
-    for key in ("length_penalty", "early_stopping", "num_beams", "min_length", "no_repeat_ngram_size", "repetition_penalty"):
+    for key in (
+        "length_penalty", "early_stopping", "num_beams", "min_length", "no_repeat_ngram_size", "repetition_penalty",
+        "do_sample", "temperature", "top_k", "top_p",
+    ):
         if getattr(cfg, key) is None:
             setattr(cfg, key, defaults[key])
     if cfg.max_new_tokens is None and cfg.max_length is None:
         cfg.max_new_tokens = defaults["max_length"]  # generate()'s default: 20 new tokens
-    if cfg.do_sample:
-        raise ValueError("do_sample=True is not supported: plans are decided once and decoding is deterministic")
     if (cfg.num_return_sequences or 1) != 1:
         raise ValueError("num_return_sequences must be 1")
-    prompt_len = 1  # the decoder prompt is the start token alone
+    if cfg.do_sample and int(cfg.num_beams) > 1:
+        raise ValueError("sampling decodes one row per instance: do_sample=True needs num_beams=1")
     max_length = cfg.max_new_tokens + prompt_len if cfg.max_new_tokens is not None else int(cfg.max_length)
     min_length = cfg.min_new_tokens + prompt_len if cfg.min_new_tokens is not None else int(cfg.min_length or 0)
     cfg.max_length, cfg.min_length = max_length, min_length
+    if max_length <= prompt_len:
+        raise ValueError(f"max_new_tokens must be >= 1, got a max length of {max_length} for a prompt of {prompt_len}")
     eos = cfg.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.bos_token_id
-    if start is None:
-        raise ValueError("the generation config has no decoder_start_token_id")
-    if max_length <= prompt_len:
-        raise ValueError(f"max_new_tokens must be >= 1, got a max length of {max_length}")
-    return SearchSettings(cfg, max_length, min_length, eos, cfg.pad_token_id, int(start))
+    # generate() pads finished rows with the first EOS when the model has no pad token (many decoder-only models)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else None)
+    return SearchSettings(cfg, max_length, min_length, int(prompt_len), eos, pad)
 
 
 def logits_processors(s: SearchSettings, device: torch.device) -> LogitsProcessorList:
-    """The transformers processors ``generate()`` would build for these settings, in its order."""
+    """The transformers processors (and, when sampling, warpers) ``generate()`` would build, in its order."""
     cfg, procs = s.config, LogitsProcessorList()
     eos_t = torch.tensor(s.eos, device=device) if s.eos else None
     if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
@@ -109,11 +135,18 @@ def logits_processors(s: SearchSettings, device: torch.device) -> LogitsProcesso
     if eos_t is not None and s.min_length > 0:
         procs.append(MinLengthLogitsProcessor(s.min_length, eos_t, device=device))
     if eos_t is not None and cfg.min_new_tokens:
-        procs.append(MinNewTokensLengthLogitsProcessor(1, cfg.min_new_tokens, eos_t, device=device))
+        procs.append(MinNewTokensLengthLogitsProcessor(s.prompt_len, cfg.min_new_tokens, eos_t, device=device))
     if cfg.forced_bos_token_id is not None:
         procs.append(ForcedBOSTokenLogitsProcessor(cfg.forced_bos_token_id))
     if cfg.forced_eos_token_id is not None:
         procs.append(ForcedEOSTokenLogitsProcessor(s.max_length, cfg.forced_eos_token_id, device=device))
+    if cfg.do_sample:
+        if cfg.temperature is not None and cfg.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k is not None and cfg.top_k != 0:
+            procs.append(TopKLogitsWarper(top_k=cfg.top_k, min_tokens_to_keep=1))
+        if cfg.top_p is not None and cfg.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=cfg.top_p, min_tokens_to_keep=1))
     return procs
 
 
@@ -126,33 +159,46 @@ def apply_processors(procs: LogitsProcessorList, ids: torch.Tensor, scores: torc
 
 
 def greedy_search(
-    dec: SkipDecoder, n_rows: int, s: SearchSettings, device: torch.device, return_margins: bool = False
+    dec: SkipDecoder, prompt: torch.Tensor, s: SearchSettings, return_margins: bool = False,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Greedy decoding. Returns ``(sequences [rows, len], steps [rows], margins [rows] or None)``; finished rows
-    are padded. Margins cost a few small operations per step, so they are computed only with ``return_margins``.
+    """Greedy decoding, or multinomial sampling when the settings say ``do_sample``.
+
+    Args:
+        dec: the decoder.
+        prompt: ``[rows, prompt_len]`` ids the logits processors see before the new tokens.
+        s: the settings.
+        return_margins: compute each row's decision margin (greedy only; see below).
+        generator: the random source of sampling (torch's global one when None, as in ``generate()``).
+
+    Returns ``(sequences [rows, len], steps [rows], margins [rows] or None)``; finished rows are padded.
 
     A row's margin is the smallest gap, over the steps it decoded (EOS included), between the score of the
     token it chose and the runner-up's (scores after the logits processors; the same gap in log-probabilities).
     It says how close the row came to decoding something else: a row whose every step has a positive gap
     decodes the same tokens under any change of its logits smaller than half of it. ``inf`` when only one
-    token was ever allowed.
+    token was ever allowed. Margins cost a few small operations per step, so they are computed only on request.
     """
+    n_rows, device = prompt.shape[0], prompt.device
     procs = logits_processors(s, device)
     ids = torch.full((n_rows, s.max_length), s.pad if s.pad is not None else 0, dtype=torch.long, device=device)
-    ids[:, 0] = s.start
+    ids[:, : s.prompt_len] = prompt
     eos = torch.tensor(s.eos, device=device) if s.eos else None
     unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
     steps = torch.zeros(n_rows, dtype=torch.long, device=device)
-    margins = torch.full((n_rows,), float("inf"), device=device) if return_margins else None
-    cur = 1
+    margins = torch.full((n_rows,), float("inf"), device=device) if return_margins and not s.do_sample else None
+    cur = s.prompt_len
+    logits = dec.prefill()
     while True:
-        logits = dec.step(ids[:, cur - 1])
-        scores = apply_processors(procs, ids[:, :cur], logits.float()) if procs else logits
-        if return_margins:
-            top = scores.float().topk(2, dim=-1).values
+        scores = apply_processors(procs, ids[:, :cur], logits.float()) if procs else logits.float()
+        if margins is not None:
+            top = scores.topk(2, dim=-1).values
             gap = torch.nan_to_num(top[:, 0] - top[:, 1], nan=float("inf"))
             margins = torch.where(unfinished, torch.minimum(margins, gap), margins)
-        nxt = scores.argmax(-1)
+        if s.do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
         if eos is not None:
             nxt = torch.where(unfinished, nxt, s.pad)
         ids[:, cur] = nxt
@@ -162,17 +208,17 @@ def greedy_search(
             unfinished &= ~torch.isin(nxt, eos)
         if cur >= s.max_length or not bool(unfinished.any()):
             break
+        logits = dec.step(nxt)
     return ids[:, :cur], steps, margins
 
 
-def beam_search(
-    dec: SkipDecoder, batch_size: int, s: SearchSettings, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Beam search over ``batch_size * num_beams`` rows (beams of one instance adjacent).
+def beam_search(dec: SkipDecoder, prompt: torch.Tensor, s: SearchSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over ``batch * num_beams`` rows (beams of one instance adjacent).
 
-    Returns ``(sequences [batch, len], steps [batch])`` where ``steps`` counts the decoding iterations until
-    each instance's own search was done.
+    ``prompt`` is ``[batch, prompt_len]``. Returns ``(sequences [batch, len], steps [batch])`` where ``steps``
+    counts the decoding iterations until each instance's own search was done.
     """
+    batch_size, prompt_len, device = prompt.shape[0], s.prompt_len, prompt.device
     k, cfg = s.num_beams, s.config
     lp, early = float(cfg.length_penalty), cfg.early_stopping
     procs = logits_processors(s, device)
@@ -180,17 +226,17 @@ def beam_search(
     keep = max(2, 1 + len(s.eos)) * k
     top_mask = torch.arange(keep, device=device) < k
     fill = (s.pad or s.eos[0]) if s.eos else -1
-    max_len, prompt_len, cur = s.max_length, 1, 1
+    max_len, cur = s.max_length, prompt_len
 
     run_seq = torch.full((batch_size, k, max_len), fill, dtype=torch.long, device=device)
-    run_seq[:, :, 0] = s.start
+    run_seq[:, :, :prompt_len] = prompt[:, None, :]
     seqs = run_seq.clone()
     run_scores = torch.zeros(batch_size, k, device=device)
     run_scores[:, 1:] = -1e9
     beam_scores = torch.full((batch_size, k), -1e9, device=device)
     finished = torch.zeros(batch_size, k, dtype=torch.bool, device=device)
     improvable = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
-    run_bidx = torch.full((batch_size, k, max_len - 1), -1, dtype=torch.long, device=device)
+    run_bidx = torch.full((batch_size, k, max_len - prompt_len), -1, dtype=torch.long, device=device)
     bidx = run_bidx.clone()
     offset = (torch.arange(batch_size, device=device) * k).view(-1, 1)
     steps = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -201,15 +247,16 @@ def beam_search(
             idx = idx.unsqueeze(-1)
         return torch.take_along_dim(t, idx, dim=1)
 
+    logits = dec.prefill()
     while True:
         flat = run_seq[:, :, :cur].reshape(batch_size * k, cur)
-        logp = torch.log_softmax(dec.step(flat[:, -1]).float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         if procs:
             logp = apply_processors(procs, flat, logp)
         vocab = logp.shape[-1]
         logp = (logp.view(batch_size, k, vocab) + run_scores[:, :, None]).view(batch_size, k * vocab)
 
-        # c. top continuations over all beams
+        # top continuations over all beams
         topk_logp, topk_idx = torch.topk(logp, keep)
         src_beam = topk_idx // vocab
         topk_bidx = gather(run_bidx, src_beam)
@@ -217,17 +264,17 @@ def beam_search(
         topk_seq[:, :, cur] = topk_idx % vocab
         topk_bidx[:, :, cur - prompt_len] = src_beam + offset
 
-        # d. which continuations hit a stopping criterion (max length or EOS)
+        # which continuations hit a stopping criterion (max length or EOS)
         hits = torch.full_like(top_mask.expand(batch_size, keep), cur + 1 >= max_len)
         if eos is not None:
             hits = hits | torch.isin(topk_seq[:, :, cur], eos)
 
-        # e. best unfinished continuations keep running
+        # the best unfinished continuations keep running
         run_logp = topk_logp + hits.float() * -1e9
         nxt = torch.topk(run_logp, k)[1]
         run_seq, run_scores, run_bidx = gather(topk_seq, nxt), gather(run_logp, nxt), gather(topk_bidx, nxt)
 
-        # f. finished hypotheses among the top `k` enter the finished pool if they beat it
+        # finished hypotheses among the top `k` enter the finished pool if they beat it
         just = hits & top_mask[None, :]
         fin_scores = topk_logp / ((cur + 1 - prompt_len) ** lp)
         fin_scores = fin_scores + (finished.all(-1, keepdim=True) & (early is True)).float() * -1e9
@@ -240,8 +287,6 @@ def beam_search(
         best = torch.topk(m_scores, k)[1]
         seqs, beam_scores, bidx, finished = gather(m_seq, best), gather(m_scores, best), gather(m_bidx, best), gather(m_fin, best)
 
-        # g. continue the cache of the chosen beams
-        dec.reorder(run_bidx[:, :, cur - prompt_len].reshape(-1))
         cur += 1
         best_len = (max_len - prompt_len) if (early == "never" and lp > 0.0) else (cur - prompt_len)
         best_running = run_scores[:, :1] / (best_len**lp)
@@ -256,6 +301,9 @@ def beam_search(
         )
         if all_done:
             break
+        # continue the cache of the chosen beams, then feed their last tokens
+        dec.reorder(run_bidx[:, :, cur - 1 - prompt_len].reshape(-1))
+        logits = dec.step(run_seq[:, :, cur - 1].reshape(-1))
 
     seqs, bidx = seqs[:, 0], bidx[:, 0]
     out_len = prompt_len + int((bidx + 1).bool().sum(1).max())

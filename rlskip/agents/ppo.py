@@ -12,6 +12,7 @@ and 99.8% exact match).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import BernoulliDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from rlskip.agents.policy import SkipPolicy
+from rlskip.policy import SkipPolicy
 from rlskip.agents.reinforce import ValueHead
+from rlskip.agents.base import Learner
 from rlskip.agents.tb import batch_stats, record_batch
+from rlskip.checkpoint import atomic_write_bytes
 
 PAD_LOGIT = 30.0  # padding token positions: "keep" with probability ~1, so no log-prob and no entropy
 
@@ -100,28 +103,29 @@ class _RolloutStats(BaseCallback):
         return True
 
 
-class PPOLearner:
+class PPOLearner(Learner):
     """Drives SB3 PPO one rollout + update at a time, with the native learner's interface.
 
     Args:
         env: the SkipVecEnv.
         constraint: the constraint handler (attached to the environment).
         logger: the shared SB3 logger (TensorBoard + CSV).
-        agent_cfg: the ``agent`` config (lr, n_steps, n_epochs, clip_range, coefficients, hidden, token_head).
+        agent_cfg: the agent's config (:class:`rlskip.config.PPOConfig`).
         run_dir: the run directory.
         seed: PPO's seed.
         budget_input: whether observations carry a budget.
         generator_step: joint mode: ``generator_step(indices, bits, token_keep)`` after each rollout.
     """
 
-    def __init__(self, env, constraint, logger, agent_cfg, run_dir: Path, seed: int, budget_input: bool = False, generator_step=None) -> None:
+    def __init__(self, env, constraint, logger, agent_cfg, seed: int, budget_input: bool = False, generator_step=None) -> None:
         self.env, self.constraint, self.logger = env, constraint, logger
         env.constraint = constraint
         a = agent_cfg
         n = a.n_steps * env.num_envs
         self.model = PPO(
             SkipActorCritic, env, learning_rate=a.lr, n_steps=a.n_steps, batch_size=max(8, n // 4), n_epochs=a.n_epochs,
-            gamma=0.0, gae_lambda=1.0, clip_range=a.clip_range, normalize_advantage=a.normalize_advantage, ent_coef=a.entropy_coef, vf_coef=a.value_coef, seed=seed,
+            gamma=0.0, gae_lambda=1.0, clip_range=a.clip_range, normalize_advantage=a.normalize_advantage, ent_coef=a.entropy_coef,
+            vf_coef=a.value_coef, max_grad_norm=a.max_grad_norm, seed=seed,
             policy_kwargs=dict(hidden=a.hidden, token_head=a.token_head, budget_input=budget_input, length_input=a.length_input), verbose=0, device="cpu",
         )
         self.model.set_logger(logger)
@@ -152,14 +156,17 @@ class PPOLearner:
             "quality_full": float(stats["quality_full"].mean()), "cost": float(stats["cost"].mean()),
         }
 
-    def save_native(self, folder: Path) -> None:
-        """SB3's own zip, loadable with ``PPO.load`` (written atomically)."""
-        from rlskip.checkpoint import atomic_write_bytes
-        import io
-
+    def save(self, folder: Path) -> None:
+        """SB3's own zip (``ppo.zip``, loadable with ``PPO.load``: weights and optimiser) beside the learner's state."""
         buf = io.BytesIO()
         self.model.save(buf)
         atomic_write_bytes(Path(folder) / "ppo.zip", buf.getvalue())
+        super().save(folder)
+
+    def load(self, folder: Path) -> None:
+        self.model = PPO.load(Path(folder) / "ppo.zip", env=self.env, device="cpu")
+        self.model.set_logger(self.logger)
+        super().load(folder)
 
     def state_dict(self) -> dict:
         """Iteration, constraint, data stream and RNG; the weights and optimiser live in ``ppo.zip``.
@@ -173,10 +180,7 @@ class PPOLearner:
             "torch_rng": torch.get_rng_state(),
         }
 
-    def load_state_dict(self, state: dict, folder: Path | None = None) -> None:
-        if folder is not None and (Path(folder) / "ppo.zip").is_file():
-            self.model = PPO.load(Path(folder) / "ppo.zip", env=self.env, device="cpu")
-            self.model.set_logger(self.logger)
+    def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
         self.constraint.load_state_dict(state["constraint"])
         self.env.set_state(state["env"])

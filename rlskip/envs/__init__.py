@@ -6,7 +6,8 @@
 - :mod:`rlskip.envs.tasks`: the benchmarks (data and quality metrics).
 """
 
-from rlskip.envs.skip_env import ConstraintHandler, FullOutput, SkipEnv
+from rlskip.envs.rollout import ConstraintHandler, FullOutput
+from rlskip.envs.skip_env import SkipEnv
 from rlskip.envs.vec_env import SkipVecEnv
 
 __all__ = ["ConstraintHandler", "FullOutput", "SkipEnv", "SkipVecEnv"]

@@ -45,13 +45,13 @@ full-model outputs is refreshed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from rlskip.agents.base import Learner
 from rlskip.agents.tb import batch_stats, record_batch
 
 
@@ -88,33 +88,22 @@ def group_first(r: torch.Tensor, k: int) -> torch.Tensor:
     return r.view(-1, k)[:, :1].expand(-1, k).reshape(-1)
 
 
-@dataclass
-class ReinforceConfig:
-    lr: float = 3e-3
-    entropy_coef: float = 0.01
-    value_coef: float = 0.5
-    max_grad_norm: float = 1.0
-    normalize_advantage: bool = True
-    self_critical: bool = False
-    iterations: int = 0  # the run's length, for lr_decay
-    lr_decay: float = 0.0  # fraction of the run over which the learning rate falls linearly to 0 at its end
-
-
-class Reinforce:
+class Reinforce(Learner):
     """REINFORCE over a batched skip environment.
 
     Args:
         env: a SkipVecEnv (reset/step over ``env.num_envs`` instances, info dicts with quality and cost).
-        policy: a :class:`~rlskip.agents.policy.SkipPolicy`.
+        policy: a :class:`~rlskip.policy.SkipPolicy`.
         constraint: the constraint handler; it is attached to the environment, which reads it for rewards.
         logger: a Stable-Baselines3 logger (TensorBoard + CSV).
-        config: learning rates and coefficients.
+        config: the agent's config (:class:`rlskip.config.ReinforceConfig`: learning rate, coefficients,
+            ``normalize_advantage``, ``self_critical``, ``iterations`` and ``lr_decay``).
         generator_step: in joint mode, called as ``generator_step(indices, bits, token_keep)`` after each
             policy step to tune the generator under the sampled plans; returns its loss.
     """
 
-    def __init__(self, env, policy, constraint, logger, config: ReinforceConfig, generator_step: Callable | None = None) -> None:
-        self.env, self.policy, self.constraint, self.logger, self.cfg = env, policy, constraint, logger, config
+    def __init__(self, env, policy, constraint, logger, config, generator_step: Callable | None = None) -> None:
+        self.env, self._policy, self.constraint, self.logger, self.cfg = env, policy, constraint, logger, config
         self.env.constraint = constraint
         self.group_size = int(getattr(env, "group_size", 1))
         if config.self_critical and self.group_size < 2:
@@ -126,6 +115,10 @@ class Reinforce:
         self.generator_step = generator_step
         self.iteration = 0
         self._obs = None
+
+    @property
+    def policy(self):
+        return self._policy
 
     def train_iteration(self, log: bool = False, image: bool = False) -> dict[str, float]:
         """One batch: sample plans, execute them, one gradient step. Returns the batch's scalars."""

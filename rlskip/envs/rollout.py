@@ -1,18 +1,14 @@
-"""The skip decision as a one-step episode: observe an instance, choose a plan, get quality and cost.
+"""The batched core of the skip environments: data, observation, execution, scoring, caching, data order.
 
-One episode is one instance. ``reset`` draws an instance, runs the backbone's fixed-on first encoder layer
-(:meth:`rlskip.runtime.Runtime.observe`) and returns what the policy reads; ``step`` executes the chosen plan
-(generation, or classification for classification tasks), scores it with the task, and ends the episode.
-
-:class:`SkipRollout` holds everything both environments share -- the tokenised data, the runtime, the cache
-of the full model's outputs, the data order -- and does its work on *batches* of instances, so
-:class:`SkipEnv` (batch of one) and :class:`rlskip.envs.vec_env.SkipVecEnv` (batch of n, one runtime call per
-step) compute the same thing the same way.
+:class:`SkipRollout` holds everything :class:`~rlskip.envs.skip_env.SkipEnv` (a batch of one) and
+:class:`~rlskip.envs.vec_env.SkipVecEnv` (a batch of n, one runtime call per step) share, and does its work on
+*batches* of instances, so both compute the same thing the same way. Plans run through the one execution
+path (:class:`rlskip.execute.Executor`).
 
 Rewards come from a *constraint handler*: any object with ``reward(quality, quality_full, cost) -> reward``
-over numpy arrays (``rlskip.constraints`` provides the lexicographic, Lagrangian and fixed-weight ones). The
-environment only reads it; a learner may swap it (``env.constraint = handler``) at any time, e.g. to update
-a multiplier. The default is ``rlskip.constraints.Fixed(lam=0.5)``: ``reward = quality - 0.5 * cost``.
+over numpy arrays (``rlskip.constraints`` provides the lexicographic, Lagrangian, fixed-weight and budget
+ones). The environment only reads it; a learner may swap it (``env.constraint = handler``) at any time, e.g.
+to update a multiplier. The default is ``rlskip.constraints.Fixed(lam=0.5)``: ``reward = quality - 0.5 * cost``.
 """
 
 from __future__ import annotations
@@ -22,19 +18,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
 
 from rlskip.constraints import Fixed
 from rlskip.envs.tasks.base import Example, Task
-from rlskip.envs.tasks.encoding import encode_examples
+from rlskip.encoding import Encoder
+from rlskip.execute import Executor
 from rlskip.metrics import fidelity as fidelity_metric
 from rlskip.metrics import get_metric
 from rlskip.plan import Plan
 from rlskip.runtime import Observation, get_runtime
-from rlskip.space import SkipSpace
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +107,13 @@ class SkipRollout:
         policy_flops: float,
         margin: float = 0.0,
     ) -> None:
-        self.runtime = get_runtime(model)
-        self.space = self.runtime.space
+        self.runtime = runtime = get_runtime(model)
+        self.space = runtime.space
         self.task = task
-        self.tokenizer = tokenizer
         self.is_classification = task.kind == "classification"
-        if self.is_classification != self.runtime.is_classifier:
-            model_kind = "a sequence classifier" if self.runtime.is_classifier else "a generator"
-            raise ValueError(f"task {task.name!r} is a {task.kind} task but the model is {model_kind}")
-        positions = model.config.max_position_embeddings
+        positions = runtime.dims.max_positions
         max_source_tokens = positions if max_source_tokens is None else max_source_tokens
-        if not 1 <= max_source_tokens <= positions:
+        if max_source_tokens is None or max_source_tokens < 1 or (positions is not None and max_source_tokens > positions):
             raise ValueError(f"max_source_tokens must be in 1..{positions} (the model's positions), got {max_source_tokens}")
         self.gen_kwargs = dict(gen_kwargs or {})
         if max_new_tokens is not None:
@@ -153,20 +144,19 @@ class SkipRollout:
         self.margin = float(margin)
         # Tokenise everything once: stepping must not re-tokenise, and truncation is counted (and logged)
         # once for the whole data set rather than per item.
-        self.source_ids, n_cut = encode_examples(tokenizer, self.examples, self.max_source_tokens, task.pair_truncation)
+        encoder = Encoder(tokenizer, self.max_source_tokens, task.pair_truncation)
+        self.executor = Executor(runtime, encoder, task.kind, self.gen_kwargs)
+        self.source_ids, n_cut = encoder.inputs(self.examples)
         if n_cut:
             logger.warning(
                 "%s: %d of %d sources were longer than max_source_tokens=%d and were truncated",
                 task.name, n_cut, len(self.examples), self.max_source_tokens,
             )
         self.n_truncated = n_cut
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(model.config.pad_token_id if pad is None else pad)
-        self.device = next(model.parameters()).device
         self.full_outputs: dict[int, FullOutput] = {}
         self._order_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
-        d = model.config.d_model
+        d = runtime.dims.d_model
         s = self.max_source_tokens
         obs_spaces = {
             "pooled": spaces.Box(-np.inf, np.inf, (d,), np.float32),
@@ -231,15 +221,7 @@ class SkipRollout:
     # -- observing ----------------------------------------------------------------------------------
     def observe(self, indices: Sequence[int]) -> Observation:
         """One batched ``observe`` for the instances, right-padded to the longest of them."""
-        rows = [self.source_ids[i] for i in indices]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = True
-        with torch.inference_mode():
-            return self.runtime.observe(ids.to(self.device), mask.to(self.device))
+        return self.executor.observe([self.source_ids[i] for i in indices])
 
     def observation_arrays(self, obs: Observation, budgets: Sequence[float]) -> dict[str, np.ndarray]:
         """The batch's observations as arrays ``[n, ...]`` of the observation space's shapes.
@@ -282,20 +264,10 @@ class SkipRollout:
         The margin is the gap between the chosen and the runner-up score: of the class logits, or, for
         generation, the smallest over the greedy decoding steps (NaN under beam search), to 3 decimals.
         """
-        with torch.inference_mode():
-            if self.is_classification:
-                logits, _, flops, full = self.runtime.classify(obs, plan)
-                outputs: list[str | int] = logits.argmax(-1).tolist()
-                top = logits.float().topk(min(2, logits.shape[-1]), dim=-1).values
-                margins = top[:, 0] - top[:, -1] if top.shape[-1] == 2 else torch.full_like(top[:, 0], float("inf"))
-            else:
-                out = self.runtime.generate(obs, plan, return_margins=True, **self.gen_kwargs)
-                flops, full = out.flops, out.full_flops
-                outputs = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-                margins = out.margins if out.margins is not None else torch.full((len(outputs),), float("nan"))
-        cost = (flops.double().cpu().numpy() + self.policy_flops) / full.double().cpu().numpy()
+        out = self.executor.run(obs, plan, self.policy_flops, return_margins=True)
+        margins = out.margins if out.margins is not None else torch.full((len(out.predictions),), float("nan"))
         # rounded: the rows a batch holds move the last float bits, and an instance's reward must not depend on them
-        return outputs, cost, np.round(margins.double().cpu().numpy(), 3)
+        return out.predictions, out.flops_ratio.numpy(), np.round(margins.double().cpu().numpy(), 3)
 
     def shaped_quality(self, quality: np.ndarray, margins: np.ndarray, full_margins: np.ndarray) -> np.ndarray:
         """The quality the reward sees: ``quality`` itself, or with ``margin = m > 0`` scaled by
@@ -388,189 +360,3 @@ class SkipRollout:
             self.full_outputs.update(
                 {i: FullOutput(o, float(q), float(g)) for i, o, q, g in zip(chunk, outputs, quality, margins)}
             )
-
-
-class SkipEnv(gym.Env):
-    """One instance per episode: observe it, choose which sub-layers and tokens to keep, get quality and cost.
-
-    **Observation** (a single-level ``Dict`` of float32 ``Box``es): ``pooled`` ``[d_model]``, the mean of the
-    first encoder layer's output over real tokens; ``tokens`` ``[max_source_tokens, d_model]``, that output per
-    position, zero on padding; ``token_mask`` ``[max_source_tokens]``, 1 on real tokens; and, when
-    ``budget_in_obs``, ``budget`` ``[1]``, the compute budget (a FLOPs ratio) of this episode. Hidden states are
-    unbounded in principle, so their boxes are (-inf, inf).
-
-    **Action** ``MultiBinary(n_bits + max_source_tokens)``, 1 = keep: first one bit per *skippable* candidate in
-    :attr:`rlskip.space.SkipSpace.names` order, then one bit per source position. The fixed-on candidates (the
-    whole first encoder layer, whose output is the observation) have no bit. Bits of padding positions
-    (past the instance's length) are ignored, and special tokens (``<s>``, ``</s>``) are never dropped whatever
-    their bit says -- the runtime enforces both.
-
-    **Step** executes the plan (``generate`` with ``gen_kwargs``, or ``classify`` for classification tasks),
-    scores it with the task (or, with ``fidelity``, against the full model's own output), and ends the
-    episode: ``terminated=True``, ``truncated=False``, and the observation returned is the episode's own.
-    ``reward = constraint.reward(quality, quality_full, cost)`` where ``cost`` is the FLOPs ratio to the full
-    model on the same input and output lengths (plus ``policy_flops``), and ``quality`` is, with ``margin``,
-    scaled for the reward by the decision margin kept. ``info`` holds ``quality`` (as scored, never scaled),
-    ``quality_full``, ``cost``, ``reward``, ``margin`` (the output's decision margin), ``plan_bits`` (int8
-    ``[n_bits]``), ``tokens_kept`` (source tokens left after dropping), ``text`` (generated text, or
-    predicted class id), ``text_full`` (the full model's), and the episode's ``index`` and ``budget``. The full model's output and quality are computed once per
-    instance and cached in :attr:`full_outputs` (keyed by instance index); clear it after changing the
-    generator's weights.
-
-    **Data order**: episode ``k`` of the stream ``seed`` is instance ``perm(seed, k // N)[k % N]`` (a fresh
-    permutation of the ``N`` instances per epoch), so the order follows from the seed and the episode count;
-    :meth:`get_state` / :meth:`set_state` save and restore them (and the instance drawn but not yet stepped).
-    ``reset(seed=s)`` restarts the stream ``s``.
-
-    Rollouts run under ``torch.inference_mode()`` with the model in whatever mode it is in: put it in
-    ``eval()`` for deterministic episodes.
-
-    Args:
-        model: a Hugging Face BART-family model: ``BartForConditionalGeneration`` for generation tasks,
-            ``BartForSequenceClassification`` for classification tasks. Used in place, never copied.
-        tokenizer: the model's tokenizer.
-        task: the task (from :func:`rlskip.envs.tasks.get_task`): its kind picks generate or classify, its
-            ``score`` gives quality, its ``pair_truncation`` how pairs are cut.
-        examples: the instances; when None they are loaded with ``task.load(split, data_files, limit)``.
-        split: split to load when ``examples`` is None (the task's default when None).
-        data_files: local file(s) to load when ``examples`` is None (the hub when None).
-        limit: at most this many examples to load when ``examples`` is None.
-        max_source_tokens: encoder budget per instance (special tokens included); longer sources are
-            truncated (counted, and logged once per environment); also the width of ``tokens``. None: the
-            model's ``max_position_embeddings``.
-        max_new_tokens: generation length limit (ignored for classification); None leaves it to ``gen_kwargs``
-            or, failing that, the model's generation config.
-        gen_kwargs: further Hugging Face generation options (``num_beams``, ``length_penalty``, ...) for the
-            runtime's ``generate``; ignored for classification.
-        budget: the compute budget of every episode (a FLOPs ratio in (0, 1]), or a range ``(low, high)`` to
-            draw each episode's budget from uniformly (seeded like the data order). Reported in ``info`` and
-            reset info; in the observation only with ``budget_in_obs``. ``options={"budget": b}`` overrides it.
-        budget_in_obs: whether the observation carries the budget.
-        fidelity: None to score against the task's references; a metric name (e.g. ``"rougeL"``,
-            ``"accuracy"``) to score each output against the full model's own output on the same instance.
-        policy_flops: FLOPs the policy spends per instance, added to the executed FLOPs (see
-            :func:`rlskip.flops.mlp_flops`); 0 leaves the policy out of the cost.
-        constraint: the reward handler (see :class:`ConstraintHandler`); default ``rlskip.constraints.Fixed(0.5)``.
-        seed: seed of the data order; None draws a random one. ``reset(seed=...)`` replaces it.
-        margin: 0 to reward the quality as scored; ``m > 0`` to scale an output's quality, for the reward
-            only, by how much of the full model's decision margin it kept, up to ``m``
-            (:meth:`SkipRollout.shaped_quality`); needs greedy decoding for generation tasks.
-    """
-
-    metadata = {"render_modes": []}
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        task: Task,
-        examples: Sequence[Example] | None = None,
-        *,
-        split: str | None = None,
-        data_files: Any = None,
-        limit: int | None = None,
-        max_source_tokens: int | None = None,
-        max_new_tokens: int | None = None,
-        gen_kwargs: dict[str, Any] | None = None,
-        budget: Budget = 1.0,
-        budget_in_obs: bool = False,
-        fidelity: str | None = None,
-        policy_flops: float = 0.0,
-        constraint: ConstraintHandler | None = None,
-        seed: int | None = None,
-        margin: float = 0.0,
-    ) -> None:
-        self.rollout = SkipRollout(
-            model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
-            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin,
-        )
-        self.observation_space = self.rollout.observation_space
-        self.action_space = self.rollout.action_space
-        self.render_mode = None
-        self.constraint = constraint if constraint is not None else default_constraint()
-        self._seed = new_seed() if seed is None else int(seed)
-        self._episodes = 0  # draws taken from the stream so far
-        self._slots: list[dict[str, Any]] = []  # the current instance {"index", "budget"} until stepped
-        self._obs: Observation | None = None
-        self._arrays: dict[str, np.ndarray] = {}
-
-    @property
-    def constraint(self) -> ConstraintHandler:
-        """The reward handler; assign to swap it (e.g. a learner updating its multiplier)."""
-        return self._constraint
-
-    @constraint.setter
-    def constraint(self, handler: ConstraintHandler) -> None:
-        self._constraint = check_constraint(handler)
-
-    @property
-    def full_outputs(self) -> dict[int, FullOutput]:
-        """Cache of the full model's output and quality per instance index (shareable between environments
-        over the same model and examples; clear it after changing the generator's weights)."""
-        return self.rollout.full_outputs
-
-    @full_outputs.setter
-    def full_outputs(self, cache: dict[int, FullOutput]) -> None:
-        self.rollout.full_outputs = cache
-
-    @property
-    def examples(self) -> list[Example]:
-        return self.rollout.examples
-
-    def precompute_full(self, indices: Sequence[int] | None = None, batch_size: int = 16) -> None:
-        """Fill :attr:`full_outputs` for ``indices`` (all instances by default) in batches of ``batch_size``."""
-        self.rollout.precompute_full(indices, batch_size)
-
-    @property
-    def space(self) -> SkipSpace:
-        """The backbone's SkipSpace: the order of the sub-layer bits of an action."""
-        return self.rollout.space
-
-    def get_state(self) -> dict[str, Any]:
-        """The data order's state, JSON-serialisable: ``{"seed", "episodes"`` (draws taken from the stream),
-        ``"slots"`` (the drawn but unstepped instance, ``[{"index", "budget"}]``, or ``[]``)``}``."""
-        return {"seed": self._seed, "episodes": self._episodes, "slots": [dict(slot) for slot in self._slots]}
-
-    def set_state(self, state: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        """Restore a :meth:`get_state` result: the held instance is observed again, so ``step()`` may follow
-        directly; ``reset()`` continues the stream. Returns the held instance's observation, or None."""
-        self._seed, self._episodes = int(state["seed"]), int(state["episodes"])
-        self._slots = [dict(slot) for slot in state["slots"]]
-        if not self._slots:
-            self._obs, self._arrays = None, {}
-            return None
-        self._obs, arrays = self.rollout.load(self._slots)
-        self._arrays = {k: v[0] for k, v in arrays.items()}
-        return {k: v.copy() for k, v in self._arrays.items()}
-
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Draw an instance and observe it.
-
-        Args:
-            seed: restart the data order with this seed (and seed ``np_random``).
-            options: ``{"index": i}`` picks instance ``i`` instead of drawing one (the stream does not
-                advance); ``{"budget": b}`` sets this episode's budget.
-
-        Returns:
-            (observation, info with ``index`` and ``budget``).
-        """
-        super().reset(seed=seed)
-        if seed is not None:
-            self._seed, self._episodes = int(seed), 0
-        self._slots, self._episodes = self.rollout.draw(self._seed, self._episodes, [options or {}])
-        self._obs, arrays = self.rollout.load(self._slots)
-        self._arrays = {k: v[0] for k, v in arrays.items()}
-        return {k: v.copy() for k, v in self._arrays.items()}, dict(self._slots[0])
-
-    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        """Execute the plan ``action`` on the current instance; the episode ends (see the class docstring)."""
-        if not self._slots or self._obs is None:
-            raise RuntimeError("call reset() before step(): each episode is one instance and one step")
-        action = np.asarray(action)
-        if action.ndim != 1:
-            raise ValueError(f"SkipEnv takes one action of shape ({self.rollout.n_actions},), got {list(action.shape)}")
-        reward, infos = self.rollout.step(self._obs, self._slots, action[None], self.constraint)
-        self._slots = []
-        return {k: v.copy() for k, v in self._arrays.items()}, float(reward[0]), True, False, infos[0]

@@ -18,7 +18,7 @@ import torch
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from rlskip.envs.skip_env import (
+from rlskip.envs.rollout import (
     Budget,
     ConstraintHandler,
     FullOutput,

@@ -11,7 +11,6 @@ from typing import Sequence
 
 import torch
 
-from rlskip.agents.warmup import encode_pairs, pad_rows
 from rlskip.plan import Plan
 
 
@@ -20,25 +19,19 @@ class GeneratorTuner:
 
     Args:
         runtime: the skip-aware runtime wrapping the generator (its weights are updated in place).
-        tokenizer: the generator's tokenizer.
+        encoder: the environment's encoder (:class:`rlskip.encoding.Encoder`), so the generator is tuned on
+            exactly the inputs the policy sees.
         examples: the environment's examples (indexed by the environment's instance indices).
         lr: the generator's learning rate.
-        max_source_tokens: source truncation, as in the environment.
     """
 
-    def __init__(self, runtime, tokenizer, examples: Sequence, lr: float, max_source_tokens: int) -> None:
-        self.rt, self.tokenizer, self.examples = runtime, tokenizer, examples
-        self.max_source_tokens = max_source_tokens
+    def __init__(self, runtime, encoder, examples: Sequence, lr: float) -> None:
+        self.rt, self.encoder, self.examples = runtime, encoder, examples
         self.optimizer = torch.optim.AdamW(runtime.model.parameters(), lr=lr)
 
     def step(self, indices: Sequence[int], bits: torch.Tensor, token_keep: torch.Tensor | None) -> float:
         model = self.rt.model
-        batch = [self.examples[i] for i in indices]
-        sources, targets = encode_pairs(self.tokenizer, batch)
-        sources = [s[: self.max_source_tokens] for s in sources]
-        ids = pad_rows(sources, self.tokenizer.pad_token_id)
-        labels = pad_rows(targets, -100)
-        mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(s) for s in sources])[:, None]
+        ids, mask, labels = self.encoder.training_batch([self.examples[i] for i in indices])
         tk = None if token_keep is None or not self.rt.space.token_dropping else token_keep[:, : ids.shape[1]].bool()
         model.train()
         try:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from rlskip.envs.tasks.base import Example
+from rlskip.encoding import Encoder, pad_rows
 from rlskip.plan import Plan
 from rlskip.runtime import get_runtime
 
@@ -38,23 +37,6 @@ class WarmupStats:
     losses: list[float] = field(default_factory=list)
 
 
-def encode_pairs(tokenizer, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
-    """Source and first-target token ids of generation examples (special tokens included)."""
-    if not examples:
-        raise ValueError("train_generator needs at least one example")
-    if any(not ex.targets for ex in examples):
-        raise ValueError("train_generator needs generation examples (each with at least one target)")
-    src = tokenizer([ex.source for ex in examples], add_special_tokens=True)["input_ids"]
-    tgt = tokenizer([ex.targets[0] for ex in examples], add_special_tokens=True)["input_ids"]
-    return src, tgt
-
-
-def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
-    """Right-pad token-id rows with ``value`` into a long tensor."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
 def random_plan(space, batch_size: int, skip_prob: float, generator: torch.Generator | None = None) -> Plan:
     """A plan per instance in which each skippable sub-layer is dropped independently with ``skip_prob``."""
     bits = torch.rand(batch_size, space.n_bits, generator=generator) >= skip_prob
@@ -63,8 +45,8 @@ def random_plan(space, batch_size: int, skip_prob: float, generator: torch.Gener
 
 def train_generator(
     model,
-    tokenizer,
-    examples: list[Example],
+    encoder: Encoder,
+    examples: list,
     *,
     steps: int | None = None,
     time_budget: float | None = None,
@@ -79,8 +61,8 @@ def train_generator(
     """Train ``model`` (in place) on ``examples`` with teacher forcing under random per-instance plans.
 
     Args:
-        model: a seq2seq model the runtime supports (``BartForConditionalGeneration``).
-        tokenizer: its tokenizer; sources and targets are encoded with special tokens (BART's ``<s> .. </s>``).
+        model: a generator some runtime supports.
+        encoder: its :class:`~rlskip.encoding.Encoder` (inputs cut to its ``max_tokens``, as everywhere else).
         examples: training instances; the first target of each is the label.
         steps: number of optimiser steps. With ``time_budget`` too, training stops at whichever comes first.
         time_budget: seconds of training; the learning-rate schedule follows elapsed time when it binds.
@@ -103,8 +85,8 @@ def train_generator(
         raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}")
     if not 0.0 <= skip_prob < 1.0:
         raise ValueError(f"skip_prob must be in [0, 1), got {skip_prob}")
-    src, tgt = encode_pairs(tokenizer, examples)
-    pad = tokenizer.pad_token_id
+    src, _ = encoder.inputs(examples)
+    tgt = encoder.labels(examples)
     rt = get_runtime(model)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
@@ -128,9 +110,9 @@ def train_generator(
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.0)
             idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
-            input_ids = pad_rows([src[i] for i in idx], pad)
+            input_ids, mask = encoder.batch([src[i] for i in idx])
             labels = pad_rows([tgt[i] for i in idx], -100)
-            obs = rt.observe(input_ids, input_ids != pad)
+            obs = rt.observe(input_ids, mask)
             plan = random_plan(rt.space, batch_size, skip_prob, gen)
             _, loss = rt.forward(obs, plan, labels=labels)
             if not math.isfinite(loss.item()):
@@ -148,40 +130,3 @@ def train_generator(
         model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return WarmupStats(loss=sum(tail) / len(tail), steps=step, seconds=time.perf_counter() - start, losses=losses)
-
-
-@torch.no_grad()
-def exact_match_by_group(
-    model,
-    tokenizer,
-    task,
-    examples: list[Example],
-    *,
-    skip_prob: float = 0.0,
-    plan: Plan | None = None,
-    batch_size: int = 128,
-    max_new_tokens: int = 40,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Greedy-decode ``examples`` under random plans (``skip_prob``) or one fixed plan for every instance
-    (``plan`` with a single row), and return the task's mean quality per group and ``"all"``.
-    """
-    rt = get_runtime(model)
-    gen = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    scores: dict[str, list[float]] = defaultdict(list)
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        enc = tokenizer([ex.source for ex in chunk], padding=True, return_tensors="pt")
-        obs = rt.observe(enc["input_ids"], enc["input_ids"] != pad)
-        p = random_plan(rt.space, len(chunk), skip_prob, gen) if plan is None else Plan(rt.space, plan.bits.expand(len(chunk), -1))
-        out = rt.generate(obs, p, max_new_tokens=max_new_tokens, num_beams=1)
-        texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        for ex, s in zip(chunk, task.score(texts, chunk)):
-            scores[ex.group or "all"].append(s)
-            if ex.group:
-                scores["all"].append(s)
-    model.train(was_training)
-    return {g: sum(v) / len(v) for g, v in sorted(scores.items())}

@@ -1,0 +1,184 @@
+"""Tokenising inputs and targets, counting what was cut: the one encoder every caller uses.
+
+The environment, evaluation, inference, the generator warm-up and joint tuning all tokenise through an
+:class:`Encoder`, so an input is cut and padded the same way wherever it goes. Over-long inputs are
+truncated, never dropped, and the number truncated is returned so the caller can log it once: a silent cut
+would make quality look worse for no visible reason.
+
+Examples are duck-typed: anything with ``source`` and ``source_pair`` (and ``targets`` for training) works,
+such as :class:`rlskip.envs.tasks.Example`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+PAIR_TRUNCATIONS = ("longest_first", "only_second")
+
+
+def _texts(first: list[str], second: list[str] | None, rows: Sequence[int] | None, as_target: bool) -> dict:
+    """Tokenizer text arguments for the given rows (all when None): targets go through ``text_target``."""
+    pick = (lambda xs: xs) if rows is None else (lambda xs: [xs[i] for i in rows])
+    if as_target:
+        return {"text_target": pick(first)}
+    return {"text": pick(first), "text_pair": pick(second) if second is not None else None}
+
+
+def _encode_truncating(
+    tokenizer: PreTrainedTokenizerBase,
+    first: list[str],
+    second: list[str] | None,
+    max_tokens: int,
+    truncation: str,
+    as_target: bool = False,
+) -> tuple[list[list[int]], int]:
+    """Encode (pairs of) texts to at most ``max_tokens`` ids each, special tokens included; count the cut ones.
+
+    Everything is encoded once in full (to see what is too long); only the over-long rows are encoded
+    again with truncation, so the tokenizer, not this code, decides how special tokens and pairs are cut.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max tokens must be positive, got {max_tokens}")
+    # verbose=False: the full-length pass is expected to exceed model_max_length for long documents.
+    ids = tokenizer(**_texts(first, second, None, as_target), truncation=False, verbose=False)["input_ids"]
+    too_long = [i for i, row in enumerate(ids) if len(row) > max_tokens]
+    if too_long:
+        cut = tokenizer(**_texts(first, second, too_long, as_target), truncation=truncation, max_length=max_tokens)[
+            "input_ids"
+        ]
+        for i, row in zip(too_long, cut):
+            ids[i] = row
+    return ids, len(too_long)
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Any],
+    max_source_tokens: int,
+    pair_truncation: str = "longest_first",
+) -> tuple[list[list[int]], int]:
+    """Encoder input ids for each example, at most ``max_source_tokens`` long (special tokens included).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; pairs are encoded as text pairs (``source``, ``source_pair``).
+        examples: all single-text or all pairs (mixing would need two calls; it is refused).
+        max_source_tokens: the encoder budget per example.
+        pair_truncation: ``"only_second"`` keeps the first segment whole (SQuAD question) and trims the
+            second (context); ``"longest_first"`` trims the longer segment (GLUE pairs). Use the task's
+            ``pair_truncation`` attribute.
+
+    Returns:
+        (token-id lists in example order, number of examples that were truncated).
+    """
+    if pair_truncation not in PAIR_TRUNCATIONS:
+        raise ValueError(f"unknown pair_truncation {pair_truncation!r}; expected one of {list(PAIR_TRUNCATIONS)}")
+    if not examples:
+        return [], 0
+    has_pair = {example.source_pair is not None for example in examples}
+    if len(has_pair) > 1:
+        raise ValueError("examples mix single texts and text pairs; encode them separately")
+    first = [example.source for example in examples]
+    second = [example.source_pair for example in examples] if has_pair == {True} else None
+    # Single texts have nothing to choose between, so their truncation is always the plain cut.
+    truncation = pair_truncation if second is not None else "longest_first"
+    return _encode_truncating(tokenizer, first, second, max_source_tokens, truncation)
+
+
+def encode_targets(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_target_tokens: int
+) -> tuple[list[list[int]], int]:
+    """Decoder label ids for each target text, at most ``max_target_tokens`` long (special tokens included).
+
+    Returns:
+        (token-id lists in order, number of targets that were truncated).
+    """
+    if not texts:
+        return [], 0
+    return _encode_truncating(tokenizer, list(texts), None, max_target_tokens, "longest_first", as_target=True)
+
+
+@dataclass(frozen=True)
+class Text:
+    """A raw input (an inference request): the same fields the encoder reads from a task example."""
+
+    source: str
+    source_pair: str | None = None
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad token-id rows with ``value`` into a long tensor ``[len(rows), longest]``."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+class Encoder:
+    """Tokenises inputs (and targets for training) for one backbone, the same way for every caller.
+
+    Args:
+        tokenizer: the backbone's Hugging Face tokenizer.
+        max_tokens: input budget per instance, special tokens included; longer inputs are truncated (counted).
+        pair_truncation: how a (source, source_pair) input is cut: ``"only_second"`` keeps the first segment
+            whole (a SQuAD question), ``"longest_first"`` trims the longer one (see :func:`encode_examples`).
+        max_target_tokens: label budget for training.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_tokens: int, pair_truncation: str = "longest_first",
+        max_target_tokens: int = 256,
+    ) -> None:
+        if int(max_tokens) < 1:
+            raise ValueError(f"max tokens must be positive, got {max_tokens}")
+        if pair_truncation not in PAIR_TRUNCATIONS:
+            raise ValueError(f"unknown pair_truncation {pair_truncation!r}; expected one of {list(PAIR_TRUNCATIONS)}")
+        self.tokenizer, self.max_tokens, self.pair_truncation = tokenizer, int(max_tokens), pair_truncation
+        self.max_target_tokens = int(max_target_tokens)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+        self.pad_id = int(pad)
+
+    def inputs(self, items: Sequence[Any]) -> tuple[list[list[int]], int]:
+        """Input ids per item (texts, or examples with ``source``/``source_pair``) and how many were cut."""
+        items = [Text(x) if isinstance(x, str) else x for x in items]
+        for i, item in enumerate(items):
+            if not isinstance(item.source, str) or not item.source.strip():
+                raise ValueError(f"input {i} is empty or not a string: {item.source!r}")
+        return encode_examples(self.tokenizer, items, self.max_tokens, self.pair_truncation)
+
+    def batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``(input_ids, attention_mask)`` for token-id rows."""
+        if not rows:
+            raise ValueError("no inputs given")
+        lengths = torch.tensor([len(r) for r in rows])
+        ids = pad_rows(rows, self.pad_id)
+        return ids, torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+
+    def encode(self, items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs`` then ``batch``."""
+        return self.batch(self.inputs(items)[0])
+
+    def labels(self, examples: Sequence[Any]) -> list[list[int]]:
+        """Label ids for teacher forcing: the first target of each example, cut to ``max_target_tokens``."""
+        if not examples:
+            raise ValueError("training needs at least one example")
+        if any(not getattr(ex, "targets", None) for ex in examples):
+            raise ValueError("training needs generation examples (each with at least one target)")
+        return encode_targets(self.tokenizer, [ex.targets[0] for ex in examples], self.max_target_tokens)[0]
+
+    def training_batch(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, labels)`` for teacher forcing, labels padded with -100."""
+        labels = self.labels(examples)
+        ids, mask = self.encode(examples)
+        return ids, mask, pad_rows(labels, -100)
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        """Texts of generated ids, special tokens removed, stripped."""
+        return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]

@@ -1,0 +1,48 @@
+"""A run's task and data from its ``env`` config: the task, and disjoint training, calibration and
+evaluation examples."""
+
+from __future__ import annotations
+
+import logging
+
+from rlskip.envs.tasks import get_task
+
+log = logging.getLogger("rlskip.train")
+
+
+def build_task(env_cfg, seed: int):
+    """The task an ``env`` config names (GLUE's subset from ``env.task``, the synthetic task seeded by the run)."""
+    kwargs = dict(env_cfg.task_kwargs)
+    if env_cfg.name == "glue":
+        kwargs["config"] = env_cfg.task
+    if env_cfg.metric is not None:
+        kwargs["metric"] = env_cfg.metric
+    if env_cfg.name == "synthetic":
+        kwargs.setdefault("seed", seed)
+    return get_task(env_cfg.name, **kwargs)
+
+
+def load_examples(env_cfg, task, eval_limit: int) -> tuple[list, list]:
+    """Training examples (``env.split`` of ``env.data_files``) and evaluation examples (``env.eval_split`` of
+    ``env.eval_data_files``, defaulting to ``env.data_files``)."""
+    train = task.load(split=env_cfg.split, data_files=env_cfg.data_files, limit=env_cfg.limit)
+    eval_files = env_cfg.eval_data_files or env_cfg.data_files
+    return train, task.load(split=env_cfg.eval_split, data_files=eval_files, limit=eval_limit)
+
+
+def split_calibration(train: list, wanted: int) -> tuple[list, list]:
+    """Hold the last ``wanted`` training examples (at most a quarter) out of training.
+
+    The decision threshold is calibrated on them: instances the generator warm-up and the policy never saw,
+    so the calibrated quality drop is what new data will see (a generator trained for many epochs knows its
+    training instances better), and the evaluation set stays untouched.
+    """
+    n = min(int(wanted), len(train) // 4)
+    if n < 1:
+        raise ValueError(
+            f"calibration needs held-out training instances: eval.calibration_instances={wanted} "
+            f"with {len(train)} training examples"
+        )
+    if n < wanted:
+        log.info("calibration: %d of %d training examples held out (at most a quarter)", n, len(train))
+    return train[:-n], train[-n:]
