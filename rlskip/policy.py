@@ -9,9 +9,7 @@ Two heads share one trunk over the pooled features:
 With ``budget_input`` a compute budget in [0, 1] is concatenated to the pooled features, so one policy
 serves several budgets chosen at inference. With ``length_input`` so is ``log(1 + n)``, ``n`` the number of
 source tokens, special ones included (``token_mask.sum()``): a mean over tokens keeps little of how many
-there were, and length is the first thing difficulty and cost depend on (measured on the synthetic task: a
-policy trained without it skipped nearly the same sub-layers for 4- and 24-token sorts, and failed on 17%
-of the long ones).
+there were, and length is the first thing difficulty and cost depend on.
 
 Every output layer starts with tiny weights and a bias of ``init_keep_logit``: at the start nearly
 everything is kept (sigmoid(3) ~ 0.95) whatever the input, so early rollouts run close to the full model

@@ -64,19 +64,19 @@ def seed_everything(seed: int) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
-    from rlskip.agents.generator import SYNTHETIC_SMALL, backbone_reference, build_generator, load_generator_weights, save_generator
+    from rlskip.agents.generator import (
+        SYNTHETIC_SMALL, backbone_reference, load_generator, load_generator_weights, save_generator, warm_up,
+    )
     from rlskip.agents.trainer import policy_confidence, policy_dir, policy_seed, select_policy, train_policy
     from rlskip.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
-    from rlskip.encoding import Encoder
+    from rlskip.encoding import encoder_for
     from rlskip.envs import SkipVecEnv
-    from rlskip.envs.data import build_task, load_examples, split_calibration
+    from rlskip.envs.data import build_task, load_examples, split_calibration, with_task_defaults
     from rlskip.evaluation import EvalData, calibrate_threshold, final_evaluation
     from rlskip.execute import Executor
     from rlskip.methods import planned, policy_plans
     from rlskip.runtime import get_runtime
 
-    if not resuming:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed)
 
     # data: training, calibration (held out of training) and evaluation examples
@@ -90,12 +90,17 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
         raise
     train_ex, calib_ex = split_calibration(train_ex, cfg.eval.calibration_instances)
 
-    # the generator, built or loaded, warmed up when asked
+    # the generator, built or loaded; the config, with what the task decides for it, is saved; a warm-up
     seconds, t = {"backbone": 0.0, "policy": 0.0, "calibration": 0.0}, time.perf_counter()
-    tokenizer, model = build_generator(cfg, task, run_dir, resuming, train_ex)
-    seconds["backbone"] = time.perf_counter() - t
+    tokenizer, model = load_generator(cfg, task, run_dir, resuming)
     rt = get_runtime(model)
-    ex = Executor(rt, Encoder(tokenizer, cfg.env.max_source_tokens, task.pair_truncation), task.kind, generation_settings(cfg))
+    cfg = with_task_defaults(cfg, task, rt)
+    if not resuming:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    encoder = encoder_for(tokenizer, rt, cfg.env, cfg.backbone.chat, task.pair_truncation)
+    warm_up(cfg, model, tokenizer, encoder, run_dir, train_ex)
+    seconds["backbone"] = time.perf_counter() - t
+    ex = Executor(rt, encoder, task.kind, generation_settings(cfg), cfg.env.label_words)
     calib_data, eval_data = EvalData.encode(ex, calib_ex), EvalData.encode(ex, eval_ex)
     latency_data = eval_data.head(cfg.eval.latency_instances)
 
@@ -116,7 +121,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
         env = SkipVecEnv(
             model, tokenizer, task, train_ex, num_envs=cfg.agent.n_envs, max_source_tokens=cfg.env.max_source_tokens,
             gen_kwargs=generation_settings(cfg), seed=policy_seed(cfg.seed, c), group_size=cfg.agent.get("group_size", 1),
-            margin=cfg.env.margin,
+            margin=cfg.env.margin, fidelity=cfg.env.fidelity, prompt=encoder.prompt,
         )
         t = time.perf_counter()
         learner, ref, stats = train_policy(cfg, c, cdir, env, ref, latency_data, generator_dir, tokenizer)

@@ -294,8 +294,14 @@ def test_bad_inputs_fail_with_clear_errors(model, tokenizer, task, examples):
         env.reset(options={"budget": 1.5})
     with pytest.raises(ValueError, match="max_source_tokens must be in 1..64"):
         SkipEnv(model, tokenizer, task, examples, max_source_tokens=65)
-    with pytest.raises(ValueError, match="a classification task needs a sequence classifier, but the backbone is a generator"):
+    # a generator classifies by scoring label words; this tokenizer cannot tell them apart
+    with pytest.raises(ValueError, match=r"label words \['negative', 'positive'\] do not start with distinct tokens"):
         SkipEnv(model, tokenizer, get_task("glue", config="sst2"), examples)
+    from transformers import BartForSequenceClassification
+
+    classifier = BartForSequenceClassification(model.config)
+    with pytest.raises(ValueError, match="a generation task needs a generator, but the backbone is a sequence classifier"):
+        SkipEnv(classifier, tokenizer, task, examples)
     with pytest.raises(ValueError, match="unknown metric"):
         SkipEnv(model, tokenizer, task, examples, fidelity="bleu")
     with pytest.raises(ValueError, match="contradicts"):

@@ -81,7 +81,7 @@ def _reference(run_dir: Path, name: str, threshold: float) -> dict:
     model = BartForConditionalGeneration.from_pretrained(run_dir / "generator").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "generator")
     rt = get_runtime(model)
-    ids, mask = Encoder(tok, cfg.env.max_source_tokens).encode(TEXTS)
+    ids, mask, _ = Encoder(tok, cfg.env.max_source_tokens).encode(TEXTS)
     with torch.no_grad():
         obs = rt.observe(ids, mask)
         plan, cost = policy_plans(ckpt.build_policy(), rt.space, threshold)(obs)
@@ -128,7 +128,7 @@ def test_in_process_load_agrees_with_input_ids_and_decide(run_dir):
     import rlskip
 
     m = rlskip.load(run_dir, name="last", threshold=0.96)
-    ids, mask = m.executor.encoder.encode(TEXTS)
+    ids, mask, _ = m.executor.encoder.encode(TEXTS)
     assert m.generate(ids, attention_mask=mask) == m.generate(TEXTS)
     assert m.generate(ids) == m.generate(TEXTS)  # the mask defaults to the non-pad positions
     plan = m.decide(TEXTS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from rlskip.backbone import load_backbone, load_tokenizer
+from rlskip.backbone import load_backbone, load_tokenizer, quiet_transformers
 from rlskip.checkpoint import make_backbone_ref
 from rlskip.encoding import Encoder
 
@@ -37,36 +37,39 @@ def built_here(cfg: DictConfig) -> bool:
     return cfg.backbone.name_or_path == SYNTHETIC_SMALL or bool(w.time_budget_s or w.steps) or cfg.generator.mode == "joint"
 
 
-def build_generator(cfg: DictConfig, task, run_dir: Path, resuming: bool, train_examples):
-    """``(tokenizer, model)`` for the run; a built or warmed-up generator is trained once and saved under
-    ``generator/`` (a resumed run loads it from there)."""
-    from rlskip.agents.warmup import train_generator
-
+def load_generator(cfg: DictConfig, task, run_dir: Path, resuming: bool):
+    """``(tokenizer, model)`` for the run: a resumed run's own ``generator/``, the synthetic task's small BART
+    built from its config, or the configured backbone."""
     name = cfg.backbone.name_or_path
     saved = run_dir / "generator"
     if resuming and saved.is_dir():
         return load_tokenizer(str(saved)), _load(cfg, task, str(saved))
     if name == SYNTHETIC_SMALL:
-        from rlskip.envs.tasks.synthetic import small_bart_config, synthetic_tokenizer
         from transformers import BartForConditionalGeneration
+
+        from rlskip.envs.tasks.synthetic import small_bart_config, synthetic_tokenizer
 
         if task.kind != "generation":
             raise ValueError("the synthetic-small backbone is a generator; pick a classification backbone for GLUE")
         torch.manual_seed(cfg.seed)
-        tokenizer, model = synthetic_tokenizer(), BartForConditionalGeneration(small_bart_config())
-    else:
-        tokenizer = load_tokenizer(cfg.backbone.tokenizer or name, cfg.backbone.revision)
-        model = _load(cfg, task, name)
+        return synthetic_tokenizer(), BartForConditionalGeneration(small_bart_config()).eval()
+    return load_tokenizer(cfg.backbone.tokenizer or name, cfg.backbone.revision), _load(cfg, task, name)
+
+
+def warm_up(cfg: DictConfig, model, tokenizer, encoder: Encoder, run_dir: Path, train_examples) -> None:
+    """Train the generator on the task under random sub-layer dropping and save it under ``generator/``, when
+    the run builds its generator or asks for a warm-up (``backbone.warmup``) and has not done so already."""
+    from rlskip.agents.warmup import train_generator
+
     w = cfg.backbone.warmup
-    if name == SYNTHETIC_SMALL or w.time_budget_s or w.steps:
-        stats = train_generator(
-            model, Encoder(tokenizer, cfg.env.max_source_tokens, task.pair_truncation), train_examples, steps=w.steps,
-            time_budget=w.time_budget_s or None, batch_size=w.batch_size, lr=w.lr, skip_prob=w.skip_prob, seed=cfg.seed,
-            progress=cfg.log.progress,
-        )
-        log.info("generator warm-up: %d steps in %.0fs, final loss %.4f", stats.steps, stats.seconds, stats.loss)
-        save_generator(model, tokenizer, saved)
-    return tokenizer, model.eval()
+    if (run_dir / "generator").is_dir() or not (cfg.backbone.name_or_path == SYNTHETIC_SMALL or w.time_budget_s or w.steps):
+        return
+    stats = train_generator(
+        model, encoder, train_examples, steps=w.steps, time_budget=w.time_budget_s or None, batch_size=w.batch_size,
+        lr=w.lr, skip_prob=w.skip_prob, seed=cfg.seed, progress=cfg.log.progress,
+    )
+    log.info("generator warm-up: %d steps in %.0fs, final loss %.4f", stats.steps, stats.seconds, stats.loss)
+    save_generator(model, tokenizer, run_dir / "generator")
 
 
 def save_generator(model, tokenizer, folder: Path) -> None:
@@ -74,8 +77,9 @@ def save_generator(model, tokenizer, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with quiet_transformers():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

@@ -31,11 +31,16 @@ class GeneratorTuner:
 
     def step(self, indices: Sequence[int], bits: torch.Tensor, token_keep: torch.Tensor | None) -> float:
         model = self.rt.model
-        ids, mask, labels = self.encoder.training_batch([self.examples[i] for i in indices])
-        tk = None if token_keep is None or not self.rt.space.token_dropping else token_keep[:, : ids.shape[1]].bool()
+        ids, mask, protected, labels = self.encoder.training_batch([self.examples[i] for i in indices])
+        tk = None
+        if token_keep is not None and self.rt.space.token_dropping:
+            # the plan's keep-mask covers the input; a decoder-only row also holds the answer, always kept
+            tk = torch.ones(ids.shape, dtype=torch.bool)
+            width = min(ids.shape[1], token_keep.shape[1])
+            tk[:, :width] = token_keep[:, :width].bool()
         model.train()
         try:
-            obs = self.rt.observe(ids, mask)
+            obs = self.rt.observe(ids, mask, protected)
             _, loss = self.rt.forward(obs, Plan(self.rt.space, bits.bool(), tk), labels=labels)
             self.optimizer.zero_grad()
             loss.backward()

@@ -12,35 +12,25 @@ The baseline in the advantage ``A = r - b`` is, by the environment's ``group_siz
   the *other* ``k - 1`` plans sampled for the same instance (the leave-one-out baseline, RLOO). It is
   unbiased, needs no value network, and removes the instance's difficulty from the advantage exactly, at
   the price of ``k`` times fewer distinct instances per batch; when all ``k`` plans agree it gives no signal,
-  so it relies on the entropy bonus to keep exploring. With raw advantages (below), on the embedded
-  default's generators it matched the value baseline within run-to-run noise in RL-only runs (mean FLOPs
-  ratios 0.510 and 0.512 over three seeds, same calibrated quality), and five of six full runs of the
-  default with k = 4 met every target, against three of five with the value baseline. On the toy
-  environment of the tests it finds a per-instance rule that the raw value baseline did not find in 1600
-  iterations. The embedded default uses k = 4 (8 instances x 4 plans per batch of 32);
+  so it relies on the entropy bonus to keep exploring;
 - ``self_critical`` with ``group_size = k > 1``: the first slot of each group plays the deterministic plan
   that deployment uses (``policy.decide``, keep where the probability is at least 0.5), and ``b`` is its
   reward for the other ``k - 1`` sampled plans (self-critical sequence training); the greedy slots take no
-  gradient and are logged as ``quality/greedy`` and ``cost/greedy_flops_ratio``. It trains the plan that
-  is deployed, but on the embedded default's seed-0 generator its two policies calibrated to 0.606 and 0.624
-  FLOPs against 0.641 and 0.679 with the leave-one-out baseline (RL-only runs, one thread): within the
-  spread, so it is an option, not the default.
+  gradient and are logged as ``quality/greedy`` and ``cost/greedy_flops_ratio``.
 
 ``lr_decay = f`` holds the learning rate for the first ``1 - f`` of ``iterations`` and then lowers it
-linearly to 0, so the last iterate is not caught mid-swing; on the same generator it did not help (0.716
-and 0.655), and the default keeps a constant rate.
+linearly to 0, so the last iterate is not caught mid-swing.
 
 With ``normalize_advantage`` the advantages are then scaled to unit spread over the batch. That helps a
 sparse signal on its own (the rare informative plan moves the policy as much as any), but it rescales each
 batch by its own spread: a batch without a violation has its small cost differences blown up to the size
 that a violation gets in another batch, which undoes the exchange rate the constraint's reward sets (the
-lexicographic ``penalty``). On the embedded default, raw advantages trained policies whose sampled plans
-kept the constraint about 99% of the time, against 97% normalised, at about the same cost; after
-calibration they cut 42-54% of the FLOPs, against 37-49%. Rewards come
-from the constraint handler the learner owns (``lexicographic`` by default); after the step the handler
-sees the batch (dual ascent for ``lagrangian``). In ``joint`` generator mode the generator also takes one
-step of its task loss under the sampled plans (its own optimiser), and the environment's cache of
-full-model outputs is refreshed.
+lexicographic ``penalty``); the configs leave it off. How these options compared on the embedded default is
+in docs/experiments.md.
+
+Rewards come from the constraint handler the learner owns; after the step the handler sees the batch (dual
+ascent for ``lagrangian``). In ``joint`` generator mode the generator also takes one step of its task loss
+under the sampled plans (its own optimiser), and the environment's cache of full-model outputs is refreshed.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from rlskip.encoding import Encoder, pad_rows
+from rlskip.encoding import Encoder
 from rlskip.plan import Plan
 from rlskip.runtime import get_runtime
 
@@ -110,9 +110,8 @@ def train_generator(
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.0)
             idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
-            input_ids, mask = encoder.batch([src[i] for i in idx])
-            labels = pad_rows([tgt[i] for i in idx], -100)
-            obs = rt.observe(input_ids, mask)
+            input_ids, mask, protected, labels = encoder.training_rows([src[i] for i in idx], [tgt[i] for i in idx])
+            obs = rt.observe(input_ids, mask, protected)
             plan = random_plan(rt.space, batch_size, skip_prob, gen)
             _, loss = rt.forward(obs, plan, labels=labels)
             if not math.isfinite(loss.item()):

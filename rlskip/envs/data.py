@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from omegaconf import OmegaConf
+
 from rlskip.envs.tasks import get_task
 
 log = logging.getLogger("rlskip.train")
@@ -46,3 +48,22 @@ def split_calibration(train: list, wanted: int) -> tuple[list, list]:
     if n < wanted:
         log.info("calibration: %d of %d training examples held out (at most a quarter)", n, len(train))
     return train[:-n], train[-n:]
+
+
+def with_task_defaults(cfg, task, runtime):
+    """The run's config with what the task decides for this backbone made explicit, so that inference, which
+    reads only the run's config, uses the same: a decoder-only backbone's prompt template (``env.prompt``) and,
+    for classification with an LM head, the label words it scores (``env.label_words``)."""
+    updates = {}
+    if runtime.kind == "causal" and cfg.env.prompt is None:
+        updates["prompt"] = task.prompt_template(cfg.backbone.chat)
+    if task.kind == "classification" and runtime.head == "lm" and cfg.env.label_words is None:
+        if not task.label_words:
+            raise ValueError(f"task {task.name} has no label words to score with an LM head; set env.label_words")
+        updates["label_words"] = list(task.label_words)
+    if not updates:
+        return cfg
+    merged = OmegaConf.merge(cfg, {"env": updates})
+    OmegaConf.set_readonly(merged, True)
+    return merged
+

@@ -29,7 +29,9 @@ from rlskip.execute import Executor
 from rlskip.metrics import fidelity as fidelity_metric
 from rlskip.metrics import get_metric
 from rlskip.plan import Plan
+from rlskip.prompts import PromptFormat
 from rlskip.runtime import Observation, get_runtime
+from rlskip.space import SkipSpace
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class SkipRollout:
         fidelity: str | None,
         policy_flops: float,
         margin: float = 0.0,
+        prompt: PromptFormat | None = None,
     ) -> None:
         self.runtime = runtime = get_runtime(model)
         self.space = runtime.space
@@ -144,8 +147,12 @@ class SkipRollout:
         self.margin = float(margin)
         # Tokenise everything once: stepping must not re-tokenise, and truncation is counted (and logged)
         # once for the whole data set rather than per item.
-        encoder = Encoder(tokenizer, self.max_source_tokens, task.pair_truncation)
-        self.executor = Executor(runtime, encoder, task.kind, self.gen_kwargs)
+        if prompt is None and runtime.kind == "causal":  # a decoder-only model reads the task as a prompt
+            prompt = PromptFormat(task.prompt_template(chat=False))
+        encoder = Encoder(
+            tokenizer, self.max_source_tokens, task.pair_truncation, prompt=prompt, causal=runtime.kind == "causal"
+        )
+        self.executor = Executor(runtime, encoder, task.kind, self.gen_kwargs, label_words=task.label_words)
         self.source_ids, n_cut = encoder.inputs(self.examples)
         if n_cut:
             logger.warning(
@@ -360,3 +367,56 @@ class SkipRollout:
             self.full_outputs.update(
                 {i: FullOutput(o, float(q), float(g)) for i, o, q, g in zip(chunk, outputs, quality, margins)}
             )
+
+
+class RolloutFront:
+    """What :class:`~rlskip.envs.skip_env.SkipEnv` and :class:`~rlskip.envs.vec_env.SkipVecEnv` expose of their
+    :class:`SkipRollout` and data stream, defined once for both."""
+
+    rollout: SkipRollout
+
+    def _start_stream(self, constraint: ConstraintHandler | None, seed: int | None) -> None:
+        self.constraint = constraint if constraint is not None else default_constraint()
+        self._seed = new_seed() if seed is None else int(seed)
+        self._episodes = 0  # draws taken from the stream so far
+        self._slots: list[dict[str, Any]] = []  # the instances drawn for the next step, {"index", "budget"} each
+        self._obs: Observation | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    @property
+    def constraint(self) -> ConstraintHandler:
+        """The reward handler; assign to swap it (e.g. a learner updating its multiplier)."""
+        return self._constraint
+
+    @constraint.setter
+    def constraint(self, handler: ConstraintHandler) -> None:
+        self._constraint = check_constraint(handler)
+
+    @property
+    def full_outputs(self) -> dict[int, FullOutput]:
+        """Cache of the full model's output and quality per instance index (shareable between environments
+        over the same model and examples; clear it after changing the generator's weights)."""
+        return self.rollout.full_outputs
+
+    @full_outputs.setter
+    def full_outputs(self, cache: dict[int, FullOutput]) -> None:
+        self.rollout.full_outputs = cache
+
+    @property
+    def examples(self) -> list[Example]:
+        return self.rollout.examples
+
+    @property
+    def space(self) -> SkipSpace:
+        """The backbone's SkipSpace: the order of the sub-layer bits of an action."""
+        return self.rollout.space
+
+    def precompute_full(self, indices: Sequence[int] | None = None, batch_size: int = 16) -> None:
+        """Fill :attr:`full_outputs` for ``indices`` (all instances by default) in batches of ``batch_size``."""
+        self.rollout.precompute_full(indices, batch_size)
+
+    def get_state(self) -> dict[str, Any]:
+        """The data order's state, JSON-serialisable: ``{"seed", "episodes"`` (draws taken from the stream),
+        ``"slots"`` (the instances drawn but not yet stepped, ``[{"index", "budget"}, ...]``, or ``[]``)``}``."""
+        return {"seed": self._seed, "episodes": self._episodes, "slots": [dict(slot) for slot in self._slots]}
+

@@ -18,18 +18,14 @@ import torch
 from rlskip.envs.rollout import (
     Budget,
     ConstraintHandler,
-    FullOutput,
+    RolloutFront,
     SkipRollout,
-    check_constraint,
-    default_constraint,
-    new_seed,
 )
 from rlskip.envs.tasks.base import Example, Task
-from rlskip.runtime import Observation
-from rlskip.space import SkipSpace
+from rlskip.prompts import PromptFormat
 
 
-class SkipEnv(gym.Env):
+class SkipEnv(RolloutFront, gym.Env):
     """One instance per episode: observe it, choose which sub-layers and tokens to keep, get quality and cost.
 
     **Observation** (a single-level ``Dict`` of float32 ``Box``es): ``pooled`` ``[d_model]``, the mean of the
@@ -95,6 +91,9 @@ class SkipEnv(gym.Env):
         margin: 0 to reward the quality as scored; ``m > 0`` to scale an output's quality, for the reward
             only, by how much of the full model's decision margin it kept, up to ``m``
             (:meth:`SkipRollout.shaped_quality`); needs greedy decoding for generation tasks.
+        prompt: the instruction template around each input (:class:`rlskip.prompts.PromptFormat`); a
+            decoder-only backbone gets the task's plain-text one by default. For classification with an LM
+            head, the task's label words are scored.
     """
 
     metadata = {"render_modes": []}
@@ -119,57 +118,16 @@ class SkipEnv(gym.Env):
         constraint: ConstraintHandler | None = None,
         seed: int | None = None,
         margin: float = 0.0,
+        prompt: PromptFormat | None = None,
     ) -> None:
         self.rollout = SkipRollout(
             model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
-            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin,
+            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin, prompt,
         )
         self.observation_space = self.rollout.observation_space
         self.action_space = self.rollout.action_space
         self.render_mode = None
-        self.constraint = constraint if constraint is not None else default_constraint()
-        self._seed = new_seed() if seed is None else int(seed)
-        self._episodes = 0  # draws taken from the stream so far
-        self._slots: list[dict[str, Any]] = []  # the current instance {"index", "budget"} until stepped
-        self._obs: Observation | None = None
-        self._arrays: dict[str, np.ndarray] = {}
-
-    @property
-    def constraint(self) -> ConstraintHandler:
-        """The reward handler; assign to swap it (e.g. a learner updating its multiplier)."""
-        return self._constraint
-
-    @constraint.setter
-    def constraint(self, handler: ConstraintHandler) -> None:
-        self._constraint = check_constraint(handler)
-
-    @property
-    def full_outputs(self) -> dict[int, FullOutput]:
-        """Cache of the full model's output and quality per instance index (shareable between environments
-        over the same model and examples; clear it after changing the generator's weights)."""
-        return self.rollout.full_outputs
-
-    @full_outputs.setter
-    def full_outputs(self, cache: dict[int, FullOutput]) -> None:
-        self.rollout.full_outputs = cache
-
-    @property
-    def examples(self) -> list[Example]:
-        return self.rollout.examples
-
-    def precompute_full(self, indices: Sequence[int] | None = None, batch_size: int = 16) -> None:
-        """Fill :attr:`full_outputs` for ``indices`` (all instances by default) in batches of ``batch_size``."""
-        self.rollout.precompute_full(indices, batch_size)
-
-    @property
-    def space(self) -> SkipSpace:
-        """The backbone's SkipSpace: the order of the sub-layer bits of an action."""
-        return self.rollout.space
-
-    def get_state(self) -> dict[str, Any]:
-        """The data order's state, JSON-serialisable: ``{"seed", "episodes"`` (draws taken from the stream),
-        ``"slots"`` (the drawn but unstepped instance, ``[{"index", "budget"}]``, or ``[]``)``}``."""
-        return {"seed": self._seed, "episodes": self._episodes, "slots": [dict(slot) for slot in self._slots]}
+        self._start_stream(constraint, seed)
 
     def set_state(self, state: dict[str, Any]) -> dict[str, np.ndarray] | None:
         """Restore a :meth:`get_state` result: the held instance is observed again, so ``step()`` may follow

@@ -21,18 +21,15 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 from rlskip.envs.rollout import (
     Budget,
     ConstraintHandler,
-    FullOutput,
+    RolloutFront,
     SkipRollout,
-    check_constraint,
-    default_constraint,
     new_seed,
 )
 from rlskip.envs.tasks.base import Example, Task
-from rlskip.runtime import Observation
-from rlskip.space import SkipSpace
+from rlskip.prompts import PromptFormat
 
 
-class SkipVecEnv(VecEnv):
+class SkipVecEnv(RolloutFront, VecEnv):
     """``num_envs`` one-step skip episodes per step, executed as one batch.
 
     Observation, action, reward and info are those of :class:`~rlskip.envs.skip_env.SkipEnv` (see there),
@@ -58,7 +55,7 @@ class SkipVecEnv(VecEnv):
 
     Args:
         model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
-        gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, constraint, seed, margin: as for
+        gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, constraint, seed, margin, prompt: as for
             :class:`~rlskip.envs.skip_env.SkipEnv`.
         num_envs: number of parallel slots per step (the batch size of the runtime calls).
         group_size: slots per drawn instance (a divisor of ``num_envs``); a group's slots share the instance
@@ -87,6 +84,7 @@ class SkipVecEnv(VecEnv):
         seed: int | None = None,
         group_size: int = 1,
         margin: float = 0.0,
+        prompt: PromptFormat | None = None,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
@@ -95,59 +93,16 @@ class SkipVecEnv(VecEnv):
         self.group_size = int(group_size)
         self.rollout = SkipRollout(
             model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
-            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin,
+            gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin, prompt,
         )
         self.render_mode = None  # read by VecEnv.__init__ through get_attr
-        self.constraint = constraint if constraint is not None else default_constraint()
-        self._seed = new_seed() if seed is None else int(seed)
-        self._episodes = 0  # draws taken from the stream so far
-        self._slots: list[dict[str, Any]] = []  # per slot {"index", "budget"}, until stepped
-        self._obs: Observation | None = None
-        self._arrays: dict[str, np.ndarray] = {}
+        self._start_stream(constraint, seed)
         self._actions: np.ndarray | None = None
         super().__init__(num_envs, self.rollout.observation_space, self.rollout.action_space)
-
-    # -- shared state -------------------------------------------------------------------------------
-    @property
-    def constraint(self) -> ConstraintHandler:
-        """The reward handler; assign to swap it (e.g. a learner updating its multiplier)."""
-        return self._constraint
-
-    @constraint.setter
-    def constraint(self, handler: ConstraintHandler) -> None:
-        self._constraint = check_constraint(handler)
-
-    @property
-    def full_outputs(self) -> dict[int, FullOutput]:
-        """Cache of the full model's output and quality per instance index (clear it after changing the
-        generator's weights)."""
-        return self.rollout.full_outputs
-
-    @full_outputs.setter
-    def full_outputs(self, cache: dict[int, FullOutput]) -> None:
-        self.rollout.full_outputs = cache
-
-    @property
-    def examples(self) -> list[Example]:
-        return self.rollout.examples
-
-    @property
-    def space(self) -> SkipSpace:
-        """The backbone's SkipSpace: the order of the sub-layer bits of an action."""
-        return self.rollout.space
 
     def current_indices(self) -> list[int]:
         """The instance index in each slot (the instances the next step executes)."""
         return [slot["index"] for slot in self._slots]
-
-    def precompute_full(self, indices: Sequence[int] | None = None, batch_size: int = 16) -> None:
-        """Fill :attr:`full_outputs` for ``indices`` (all instances by default) in batches of ``batch_size``."""
-        self.rollout.precompute_full(indices, batch_size)
-
-    def get_state(self) -> dict[str, Any]:
-        """The data order's state, JSON-serialisable: ``{"seed", "episodes"`` (draws taken from the stream),
-        ``"slots"`` (the instances held for the next step, ``[{"index", "budget"}, ...]``, or ``[]``)``}``."""
-        return {"seed": self._seed, "episodes": self._episodes, "slots": [dict(slot) for slot in self._slots]}
 
     def set_state(self, state: dict[str, Any]) -> VecEnvObs | None:
         """Restore a :meth:`get_state` result: the held instances are observed again (one batched call), so

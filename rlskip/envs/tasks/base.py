@@ -49,6 +49,17 @@ class Task(ABC):
     # How a (source, source_pair) input is cut to the encoder's budget: "only_second" keeps a SQuAD
     # question whole and trims the context; "longest_first" trims whichever segment is longer.
     pair_truncation: ClassVar[str] = "longest_first"
+    # How a decoder-only model is asked for the task: an instruction around {input} (and {pair}), and for
+    # plain-text (base) models the cue the answer follows (rlskip.prompts).
+    prompt: ClassVar[str] = "{input}"
+    answer_cue: ClassVar[str] = "Answer:"
+    # classification with an LM head scores these words' first tokens, one per label id
+    label_words: tuple[str, ...] = ()
+
+    def prompt_template(self, chat: bool) -> str:
+        """The instruction template for a decoder-only model: as is in a chat turn, with the answer cue after
+        it in plain text."""
+        return self.prompt if chat else f"{self.prompt}\n{self.answer_cue}"
 
     @abstractmethod
     def load(self, split: str | None = None, data_files: str | list[str] | None = None, limit: int | None = None) -> list[Example]:

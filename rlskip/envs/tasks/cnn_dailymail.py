@@ -24,6 +24,8 @@ class CNNDailyMailTask(HFTask):
     name = "cnn_dailymail"
     kind = "generation"
     metric = "rougeL"
+    prompt = "Summarize the following news article in three sentences.\n\n{input}"
+    answer_cue = "Summary:"
     report_metrics = ROUGE_TYPES
     hub_path = "abisee/cnn_dailymail"
     default_split = "test"

@@ -13,6 +13,12 @@ GLUE_CONFIGS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "mrpc": ("sentence1", "sentence2", ("not_equivalent", "equivalent")),
     "rte": ("sentence1", "sentence2", ("entailment", "not_entailment")),
 }
+# config -> (instruction for an LM, the answer words it scores in label-id order)
+GLUE_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sst2": ("Is the sentiment of this sentence positive or negative? Answer with one word.\n\n{input}", ("negative", "positive")),
+    "mrpc": ("Do these two sentences mean the same thing? Answer yes or no.\n\nSentence 1: {input}\nSentence 2: {pair}", ("no", "yes")),
+    "rte": ("Does the first sentence imply the second? Answer yes or no.\n\nSentence 1: {input}\nSentence 2: {pair}", ("yes", "no")),
+}
 
 
 @register("glue")
@@ -35,6 +41,7 @@ class GlueTask(HFTask):
             raise ValueError(f"unknown GLUE config {config!r}; expected one of {sorted(GLUE_CONFIGS)}")
         super().__init__(hub_config=config)
         self.first_field, self.second_field, self.label_names = GLUE_CONFIGS[config]
+        self.prompt, self.label_words = GLUE_PROMPTS[config]
         self.num_labels = len(self.label_names)
         self.required_fields = (self.first_field, *([self.second_field] if self.second_field else []), "label")
         self.local_example = f"../shared/data/glue/{config}/validation.jsonl"

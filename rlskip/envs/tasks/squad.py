@@ -26,6 +26,7 @@ class SquadTask(HFTask):
     default_split = "validation"
     required_fields = ("question", "context", "answers")
     local_example = "../shared/data/squad/validation_super_bowl_50.jsonl"
+    prompt = "Answer the question with a short phrase copied from the context.\n\nContext: {pair}\n\nQuestion: {input}"
 
     def __init__(self, metric: str | None = None) -> None:
         super().__init__(metric=metric)

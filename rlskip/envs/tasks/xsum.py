@@ -28,6 +28,8 @@ class XSumTask(HFTask):
     default_split = "test"
     required_fields = ("document", "summary")
     local_example = "../shared/data/xsum/test_1000.jsonl"
+    prompt = "Summarize the following article in one sentence.\n\n{input}"
+    answer_cue = "One-sentence summary:"
 
     def __init__(self, metric: str | None = None) -> None:
         super().__init__(metric=metric)
