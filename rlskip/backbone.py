@@ -10,6 +10,7 @@ naming the overrides that point at local files instead.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -103,14 +104,39 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (checked once per
+    process): an unreachable hub then fails at once instead of after the libraries' retries."""
+    global _HUB
+    if _HUB is None:
+        import socket
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _HUB = True
+        except OSError:
+            _HUB = False
+    return _HUB
+
+
+_HUB: bool | None = None
+
+
 def _from_pretrained(cls, name: str, revision: str | None, local: bool, what: str, **kwargs):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not local and (offline or not hub_reachable()):
+        kwargs["local_files_only"] = True  # the cache may still hold it; nothing to wait for otherwise
     try:
         with quiet_transformers():
             return cls.from_pretrained(name, revision=revision, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+    except Exception as e:  # a damaged or foreign file fails in many libraries' ways: one line for all of them
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if local:
             raise BackboneError(f"cannot load the {what} from {name}{_gguf_note(kwargs)}: {first}") from None
+        if not isinstance(e, (OSError, ValueError, KeyError, RuntimeError, ImportError)):
+            raise
         raise BackboneError(
             f"cannot load {name} from the Hugging Face hub (offline or unreachable); point "
             f"backbone.name_or_path (and backbone.tokenizer) at a local model folder or GGUF file and env.data_files at local data"

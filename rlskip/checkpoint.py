@@ -224,7 +224,10 @@ def save_checkpoint(
                 f"{run_dir} holds checkpoints for a {old.describe()}, not a {space.describe()}; "
                 "use another run directory"
             )
-    weights = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+        raise ValueError(f"refusing to write checkpoint {name!r}: the policy's weights are not finite")
+    weights = safetensors.torch.save(state)
     sha = hashlib.sha256(weights).hexdigest()
     weights_name = f"{name}-{sha[:16]}.safetensors"
     meta = {

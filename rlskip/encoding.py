@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,4 +244,15 @@ def encoder_for(tokenizer, runtime, env_cfg, chat: bool, pair_truncation: str = 
     return Encoder(
         tokenizer, env_cfg.max_source_tokens, pair_truncation, prompt=prompt, causal=runtime.kind == "causal"
     )
+
+
+def read_utf8_lines(path: Path) -> list[str]:
+    """The lines of a text file; a file that is not UTF-8 fails in one line naming the file and the line."""
+    lines = []
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    return lines
 

@@ -57,7 +57,9 @@ def evaluation_config(args: DictConfig):
         cfg.env.eval_data_files = args.data_files
     if args.repeats < 1:
         raise ValueError(f"repeats must be positive, got {args.repeats}")
-    for key in ("limit", "latency_instances", "latency_batch", "static_search_instances"):
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"limit must be positive, got {args.limit}")
+    for key in ("latency_instances", "latency_batch", "static_search_instances"):
         if args[key] is not None:
             if args[key] < 1:
                 raise ValueError(f"{key} must be positive, got {args[key]}")
@@ -103,7 +105,9 @@ def evaluate(args: DictConfig) -> dict:
     task = build_task(cfg.env, cfg.seed)
     if task.kind != sm.kind:
         raise ValueError(f"task {cfg.env.name} is a {task.kind} task but the checkpoint's backbone is for {sm.kind}")
-    train_ex, eval_ex = load_examples(cfg.env, task, cfg.eval.limit)
+    # the run's own split (its eval.limit), so held-out rows stay held out; limit= takes a part of them
+    train_ex, eval_ex, _ = load_examples(cfg.env, task, cfg.eval.limit)
+    eval_ex = eval_ex[: args.limit]
     if not eval_ex:
         raise ValueError("no held-out instances to evaluate on (check split=, data_files=, limit=)")
     # the task's own input handling (pairs, and for another task its prompt and label words) on this backbone

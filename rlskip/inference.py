@@ -21,6 +21,7 @@ This module imports neither gymnasium nor Stable-Baselines3: serving needs only 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -29,13 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 from rlskip.backbone import load_backbone, load_tokenizer
 from rlskip.checkpoint import load_checkpoint, verify_backbone
 from rlskip.config import EnvConfig, generation_settings
-from rlskip.encoding import encoder_for
+from rlskip.encoding import encoder_for, read_utf8_lines
 from rlskip.execute import Executed, Executor
 from rlskip.methods import policy_plans
 from rlskip.plan import Plan
 from rlskip.runtime import Observation, get_runtime
 
 DEFAULT_THRESHOLD = 0.5
+
+
+log = logging.getLogger("rlskip")
 
 
 class SkipModel:
@@ -66,7 +70,9 @@ class SkipModel:
                 attention_mask = ids != self.executor.encoder.pad_id
             rows = [r[m].tolist() for r, m in zip(ids, attention_mask.bool().view(ids.shape))]
         else:
-            rows, _ = self.executor.encoder.inputs([inputs] if isinstance(inputs, str) else list(inputs))
+            rows, cut = self.executor.encoder.inputs([inputs] if isinstance(inputs, str) else list(inputs))
+            if cut:
+                log.warning("%d of %d inputs were longer than %d tokens and were truncated", cut, len(rows), self.executor.encoder.max_tokens)
         return self.executor.observe(rows)
 
     def source(self, budget: float | None = None):
@@ -157,18 +163,18 @@ def run_env(cfg: DictConfig, run_dir: Path) -> DictConfig:
 
 def _backbone_source(run_dir: Path, ref: dict, backbone: str | None) -> tuple[str, str]:
     """Where to load the generator and its tokenizer from: ``backbone=`` if given, else the reference; a run
-    directory moved since training still finds its own ``generator/``."""
-    own = run_dir / "generator"
+    directory moved since training still finds its own ``generator/`` (or tuned ``generator-<hash>/``)."""
     if backbone is not None:
         folder = Path(backbone).expanduser()
         has_tokenizer = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
         return str(backbone), str(backbone) if has_tokenizer else ref.get("tokenizer") or ref["name_or_path"]
-    name, tok = ref["name_or_path"], ref.get("tokenizer") or ref["name_or_path"]
-    if own.is_dir() and not Path(name).expanduser().exists() and Path(name).name == "generator":
-        name = str(own)
-        if Path(tok).name == "generator" and not Path(tok).expanduser().exists():
-            tok = str(own)
-    return name, tok
+    def here(path: str) -> str:
+        p = Path(path).expanduser()
+        own = run_dir / p.name
+        moved = not p.exists() and (p.name == "generator" or p.name.startswith("generator-")) and own.is_dir()
+        return str(own) if moved else path
+
+    return here(ref["name_or_path"]), here(ref.get("tokenizer") or ref["name_or_path"])
 
 
 def load(path: str | Path, name: str = "last", backbone: str | None = None, threshold: float | None = None) -> SkipModel:
@@ -222,7 +228,7 @@ def read_texts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     texts: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8_lines(path), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):

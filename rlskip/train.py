@@ -30,31 +30,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlskip.config import TrainConfig, compose, generation_settings
+from rlskip.rundir import RunDir, default_run_dir
 
 log = logging.getLogger("rlskip.train")
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir)
-    else:
-        run_dir = Path("runs") / f"{cfg.env.name}-{cfg.agent.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(f"run directory {run_dir} is not empty; use resume={run_dir} to continue it or pick another run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def load_resumed_config(run_dir: str, overrides: list[str]) -> tuple[DictConfig, Path]:
     """The saved config of a run, for ``resume=<run dir>`` (other overrides are refused: same run, same setup)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlskip.inference import run_config
+
     path = Path(run_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run directory not found: {path}")
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"not a run directory (no config.yaml): {path}")
+    saved = run_config(path)
     if overrides:
         raise ValueError(f"resume={run_dir} continues a run with its saved config; drop the other overrides {overrides}")
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path / "config.yaml")), path
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{path / 'config.yaml'} is not a training config this rlskip reads: {str(e).splitlines()[0]}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg, path
 
 
 def seed_everything(seed: int) -> None:
@@ -63,11 +59,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
-    from rlskip.agents.generator import (
-        SYNTHETIC_SMALL, backbone_reference, load_generator, load_generator_weights, save_generator, warm_up,
+def run(cfg: DictConfig, rd: RunDir, resuming: bool = False) -> dict:
+    """Train, calibrate, select and evaluate in the locked run directory ``rd``; returns the summary."""
+    from rlskip.agents.generator import SYNTHETIC_SMALL, backbone_reference, load_generator, load_generator_weights, warm_up
+    from rlskip.agents.trainer import (
+        adopt_generator, policy_confidence, policy_dir, policy_seed, resume_point, select_policy, train_policy,
     )
-    from rlskip.agents.trainer import policy_confidence, policy_dir, policy_seed, select_policy, train_policy
     from rlskip.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
     from rlskip.encoding import encoder_for
     from rlskip.envs import SkipVecEnv
@@ -77,18 +74,20 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
     from rlskip.methods import planned, policy_plans
     from rlskip.runtime import get_runtime
 
+    run_dir = rd.path
     seed_everything(cfg.seed)
 
     # data: training, calibration (held out of training) and evaluation examples
     task = build_task(cfg.env, cfg.seed)
     try:
-        train_ex, eval_ex = load_examples(cfg.env, task, cfg.eval.limit)
+        train_ex, eval_ex, data_split = load_examples(cfg.env, task, cfg.eval.limit)
     except ValueError as e:
         name = cfg.backbone.name_or_path
         if cfg.env.data_files is None and name != SYNTHETIC_SMALL and not Path(name).expanduser().exists():
             raise ValueError(f"{e}; the backbone {name} comes from the hub too: set backbone.name_or_path=<local model>") from None
         raise
     train_ex, calib_ex = split_calibration(train_ex, cfg.eval.calibration_instances)
+    data_split.update(train=len(train_ex), calibration=len(calib_ex), how=data_split["how"] + "; calibration: the last training rows")
 
     # the generator, built or loaded; the config, with what the task decides for it, is saved; a warm-up
     seconds, t = {"backbone": 0.0, "policy": 0.0, "calibration": 0.0}, time.perf_counter()
@@ -99,6 +98,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     encoder = encoder_for(tokenizer, rt, cfg.env, cfg.backbone.chat, task.pair_truncation)
     warm_up(cfg, model, tokenizer, encoder, run_dir, train_ex)
+    rd.started()  # from here on a failure leaves a run that resume= continues
     seconds["backbone"] = time.perf_counter() - t
     ex = Executor(rt, encoder, task.kind, generation_settings(cfg), cfg.env.label_words)
     calib_data, eval_data = EvalData.encode(ex, calib_ex), EvalData.encode(ex, eval_ex)
@@ -106,16 +106,16 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
 
     # the policies, one after another, each calibrated on the held-out instances
     n = cfg.agent.policies
-    own_generators = cfg.generator.mode == "joint" and n > 1  # each tunes its own copy, from the same start
-    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if own_generators else None
-    ref = backbone_reference(cfg, run_dir / "generator", model, rt)
+    joint = cfg.generator.mode == "joint"  # each policy tunes its own copy of the generator, from the same start
+    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if joint else None
+    frozen_ref = backbone_reference(cfg, run_dir / "generator", model, rt)
     trained, rows = [], []
     for c in range(n):
         cdir = policy_dir(cfg, run_dir, c)
-        generator_dir = cdir / "generator" if own_generators else run_dir / "generator"
-        if own_generators:
-            load_generator_weights(cfg, task, model, generator_dir if (cdir / "trainer_state.pt").is_file() else None, start)
-            ref = backbone_reference(cfg, generator_dir, model, rt)
+        cdir.mkdir(parents=True, exist_ok=True)
+        if joint:  # from the start, or as the policy's last checkpoint left it
+            last = resume_point(cdir)
+            load_generator_weights(cfg, task, model, None if last is None else Path(last.backbone_ref["name_or_path"]), start)
         if c > 0:
             seed_everything(policy_seed(cfg.seed, c))
         env = SkipVecEnv(
@@ -124,34 +124,34 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
             margin=cfg.env.margin, fidelity=cfg.env.fidelity, prompt=encoder.prompt,
         )
         t = time.perf_counter()
-        learner, ref, stats = train_policy(cfg, c, cdir, env, ref, latency_data, generator_dir, tokenizer)
+        learner, ref, stats = train_policy(cfg, c, cdir, env, frozen_ref, latency_data, tokenizer)
         seconds["policy"] += time.perf_counter() - t
         t = time.perf_counter()
         threshold, table = calibrate_threshold(
             ex, task, calib_data, learner.policy, learner.constraint, confidence=policy_confidence(cfg)
         )
         seconds["calibration"] += time.perf_counter() - t
-        extra = {**stats, "threshold": threshold}
+        extra = {**load_checkpoint(cdir, "last").extra, "threshold": threshold}
         save_checkpoint(cdir, learner.policy, rt.space, ref, learner.iteration, extra=extra, name="last")
-        trained.append((learner.policy, threshold, table, extra))
+        trained.append((learner.policy, ref, threshold, table, extra))
         rows.append({"policy": c, "seed": policy_seed(cfg.seed, c), **next(r for r in table if r["threshold"] == threshold)})
 
-    # keep the policy whose calibrated plans do best under the constraint
+    # keep the policy whose calibrated plans do best under the constraint; its files become the run's
     k = select_policy(learner.constraint, rows)
-    policy, threshold, table, extra = trained[k]
+    policy, ref, threshold, table, extra = trained[k]
+    cdir = policy_dir(cfg, run_dir, k)
+    if joint:  # the generator the kept policy was tuned with
+        load_generator_weights(cfg, task, model, Path(ref["name_or_path"]), start)
     if n > 1:
-        cdir = policy_dir(cfg, run_dir, k)
         log.info("kept policy %d of %d: %s", k, n,
                  ", ".join(f"{r['policy']}: FLOPs {r['flops_ratio']:.3f} drop bound {r['drop_upper_bound']:.4f}" for r in rows))
-        if own_generators:  # the kept policy's tuned generator becomes the run's
-            load_generator_weights(cfg, task, model, cdir / "generator", start)
-            save_generator(model, tokenizer, run_dir / "generator")
-            ref = backbone_reference(cfg, run_dir / "generator", model, rt)
-        best_ckpt = load_checkpoint(cdir, "best")
-        save_checkpoint(run_dir, best_ckpt.build_policy(), rt.space, ref, best_ckpt.step, extra={**best_ckpt.extra, "kept_policy": k}, name="best")
-        save_checkpoint(run_dir, policy, rt.space, ref, cfg.agent.iterations, extra={**extra, "kept_policy": k}, name="last")
-        if (cdir / "ppo.zip").is_file():
-            atomic_write_bytes(run_dir / "ppo.zip", (cdir / "ppo.zip").read_bytes())
+        for name, ckpt in (("best", load_checkpoint(cdir, "best")), ("last", load_checkpoint(cdir, "last"))):
+            save_checkpoint(
+                run_dir, ckpt.build_policy(), rt.space, adopt_generator(ckpt.backbone_ref, run_dir), ckpt.step,
+                extra={**ckpt.extra, "kept_policy": k}, name=name,
+            )
+    if "ppo" in extra["files"]:  # SB3's zip of the kept policy, under the name PPO.load users expect
+        atomic_write_bytes(run_dir / "ppo.zip", (cdir / extra["files"]["ppo"]).read_bytes())
 
     # the summary: held-out evaluation against the full model and the best static plan
     t = time.perf_counter()
@@ -162,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> dict:
     )
     seconds["evaluation"] = time.perf_counter() - t
     summary.update(
-        run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex),
+        run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), data_split=data_split,
         calibration_confidence=policy_confidence(cfg), kept_policy=k, policies=rows, seconds=seconds,
     )
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg, run_dir = load_resumed_config(resume, [a for a in argv if not a.startswith("resume=")])
         else:
             cfg = compose(argv)
-            run_dir = prepare_run_dir(cfg)
-        summary = run(cfg, run_dir, resuming=bool(resume))
+            run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.env.name, cfg.agent.name)
+        with RunDir(run_dir, fresh=not resume) as rd:
+            summary = run(cfg, rd, resuming=bool(resume))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -145,6 +145,18 @@ def test_in_process_load_agrees_with_input_ids_and_decide(run_dir):
         m.generate([""])
 
 
+def test_an_over_long_input_is_truncated_with_a_notice(run_dir, caplog):
+    import logging
+
+    import rlskip
+
+    m = rlskip.load(run_dir, name="last")
+    with caplog.at_level(logging.WARNING, logger="rlskip"):
+        out = m.generate(["copy " + " ".join("7" * 50_000)])
+    assert len(out) == 1
+    assert any("1 of 1 inputs were longer than" in r.getMessage() for r in caplog.records)
+
+
 def test_load_errors_are_one_clear_line(run_dir, tmp_path):
     import rlskip
     from transformers import BartConfig, BartForConditionalGeneration

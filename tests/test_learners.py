@@ -124,8 +124,8 @@ def test_ppo_learner_improves_lexicographic_objective(tmp_path):
     # SB3's own zip loads with PPO.load and acts like the live policy
     from stable_baselines3 import PPO
 
-    learner.save(tmp_path)
-    loaded = PPO.load(tmp_path / "ppo.zip", device="cpu")
+    files = learner.save(tmp_path)
+    loaded = PPO.load(tmp_path / files["ppo"], device="cpu")
     obs = env.reset()
     a1, _ = learner.model.predict(obs, deterministic=True)
     a2, _ = loaded.predict(obs, deterministic=True)

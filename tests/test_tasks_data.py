@@ -262,7 +262,8 @@ def test_unreachable_hub_gives_the_same_error(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_data.datasets, "load_dataset", unreachable)
-    with pytest.raises(ValueError, match=r"rajpurkar/squad from the Hugging Face hub \(unreachable: ConnectionError\)"):
+    # (unreachable: the probe found no hub; or the library's own failure, named)
+    with pytest.raises(ValueError, match=r"rajpurkar/squad from the Hugging Face hub \(unreachable(: ConnectionError)?\)"):
         get_task("squad").load()
 
 

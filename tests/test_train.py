@@ -54,8 +54,12 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
     assert summary["calibration_confidence"] == pytest.approx(1 - 0.05 / 2)  # 0.95 split over two policies
     kept = run / "policies" / str(summary["kept_policy"])
     for c in (0, 1):
-        for name in ("last.json", "best.json", "trainer_state.pt", "tb/progress.csv"):
-            assert (run / "policies" / str(c) / name).is_file(), (c, name)
+        cdir = run / "policies" / str(c)
+        for name in ("last.json", "best.json", "tb/progress.csv"):
+            assert (cdir / name).is_file(), (c, name)
+        # the last checkpoint names the learner state it was written with, and only that one is kept
+        files = load_checkpoint(cdir).extra["files"]
+        assert [p.name for p in cdir.glob("trainer_state-*.pt")] == [files["state"]]
     last = load_checkpoint(run)
     assert last.extra["kept_policy"] == summary["kept_policy"] and last.extra["threshold"] == summary["threshold"]
     for k, v in load_checkpoint(kept).policy_state.items():
@@ -154,7 +158,9 @@ def test_ppo_run_keeps_a_zip_that_ppo_load_opens(tmp_path):
     run = tmp_path / "ppo"
     assert main(TINY + ["agent=ppo", "agent.n_steps=2", "agent.n_epochs=2", "agent.policies=2", f"run_dir={run}"]) == 0
     kept = json.loads((run / "summary.json").read_text())["kept_policy"]
-    assert (run / "ppo.zip").read_bytes() == (run / "policies" / str(kept) / "ppo.zip").read_bytes()
+    kept_dir = run / "policies" / str(kept)
+    named = json.loads((kept_dir / "last.json").read_text())["extra"]["files"]["ppo"]
+    assert (run / "ppo.zip").read_bytes() == (kept_dir / named).read_bytes()
     from rlskip.checkpoint import load_policy
     from rlskip.space import SkipSpace
 
@@ -167,21 +173,30 @@ def test_ppo_run_keeps_a_zip_that_ppo_load_opens(tmp_path):
 
 
 def test_joint_mode_tunes_and_saves_the_generator(tmp_path):
+    """Each checkpoint names the generator it was tuned with (a content-named folder): last and best load with
+    rlskip.load, and with two policies each tunes its own copy from the same start."""
+    import rlskip
     from rlskip.checkpoint import backbone_hash
     from transformers import BartForConditionalGeneration
 
     run = tmp_path / "joint"
     assert main(TINY + ["generator.mode=joint", "generator.lr=1e-3", "constraint=lagrangian", f"run_dir={run}"]) == 0
-    ref = json.loads((run / "last.json").read_text())["backbone"]
-    tuned = BartForConditionalGeneration.from_pretrained(run / "generator")
-    assert backbone_hash(tuned) == ref["content_hash"]
-    # with two policies each tunes its own copy from the same start; the kept one's becomes the run's
+    start = backbone_hash(BartForConditionalGeneration.from_pretrained(run / "generator"))  # the warmed-up start
     kept = json.loads((run / "summary.json").read_text())["kept_policy"]
-    hashes = [backbone_hash(BartForConditionalGeneration.from_pretrained(run / "policies" / str(c) / "generator")) for c in (0, 1)]
-    assert hashes[kept] == ref["content_hash"] and hashes[0] != hashes[1]
+    hashes = []
     for c in (0, 1):
-        cref = json.loads((run / "policies" / str(c) / "last.json").read_text())["backbone"]
-        assert cref["content_hash"] == hashes[c] and cref["name_or_path"].endswith(f"policies/{c}/generator")
+        cdir = run / "policies" / str(c)
+        cref = json.loads((cdir / "last.json").read_text())["backbone"]
+        folder = Path(cref["name_or_path"])
+        assert folder.parent == cdir.resolve() and folder.name.startswith("generator-")
+        assert backbone_hash(BartForConditionalGeneration.from_pretrained(folder)) == cref["content_hash"]
+        hashes.append(cref["content_hash"])
+    assert start not in hashes and hashes[0] != hashes[1]
+    for name in ("last", "best"):  # the run's checkpoints name the kept policy's generators, copied up
+        ref = json.loads((run / f"{name}.json").read_text())["backbone"]
+        assert Path(ref["name_or_path"]).parent == run.resolve()
+        rlskip.load(run, name=name)  # the hash check passes
+    assert json.loads((run / "last.json").read_text())["backbone"]["content_hash"] == hashes[kept]
 
 
 def test_xsum_runs_a_few_steps_on_local_files(tmp_path, bart_tokenizer):

@@ -2,7 +2,8 @@
 
 In ``generator.mode=joint`` the learner calls :meth:`GeneratorTuner.step` after each policy step with the
 instances of that batch and their sampled plans, so the generator learns to work with exactly the
-sub-layers the policy tends to remove. It has its own optimiser and learning rate.
+sub-layers the policy tends to remove. It has its own optimiser and learning rate, whose state the learner
+saves with its own, so a resumed joint run continues exactly.
 """
 
 from __future__ import annotations
@@ -18,20 +19,21 @@ class GeneratorTuner:
     """One AdamW step of teacher-forced task loss per call, under given per-instance plans.
 
     Args:
-        runtime: the skip-aware runtime wrapping the generator (its weights are updated in place).
-        encoder: the environment's encoder (:class:`rlskip.encoding.Encoder`), so the generator is tuned on
-            exactly the inputs the policy sees.
-        examples: the environment's examples (indexed by the environment's instance indices).
+        env: the learner's environment (a :class:`rlskip.envs.SkipVecEnv`): its runtime wraps the generator
+            (updated in place), its encoder makes the inputs the policy sees, its instance indices name the
+            examples; its cache of full-model outputs is cleared after each step (the full model changed).
         lr: the generator's learning rate.
     """
 
-    def __init__(self, runtime, encoder, examples: Sequence, lr: float) -> None:
-        self.rt, self.encoder, self.examples = runtime, encoder, examples
-        self.optimizer = torch.optim.AdamW(runtime.model.parameters(), lr=lr)
+    def __init__(self, env, lr: float) -> None:
+        self.env = env
+        self.rt, self.encoder = env.rollout.runtime, env.rollout.executor.encoder
+        self.model = self.rt.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
 
     def step(self, indices: Sequence[int], bits: torch.Tensor, token_keep: torch.Tensor | None) -> float:
         model = self.rt.model
-        ids, mask, protected, labels = self.encoder.training_batch([self.examples[i] for i in indices])
+        ids, mask, protected, labels = self.encoder.training_batch([self.env.examples[i] for i in indices])
         tk = None
         if token_keep is not None and self.rt.space.token_dropping:
             # the plan's keep-mask covers the input; a decoder-only row also holds the answer, always kept
@@ -42,10 +44,19 @@ class GeneratorTuner:
         try:
             obs = self.rt.observe(ids, mask, protected)
             _, loss = self.rt.forward(obs, Plan(self.rt.space, bits.bool(), tk), labels=labels)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the generator diverged: its loss is {loss.item()}; lower generator.lr")
             self.optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             self.optimizer.step()
         finally:
             model.eval()
+        self.env.full_outputs = {}  # the full model changed: its cached outputs are stale
         return float(loss.detach())
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

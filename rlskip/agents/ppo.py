@@ -22,9 +22,8 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from rlskip.policy import SkipPolicy
 from rlskip.agents.reinforce import ValueHead
-from rlskip.agents.base import Learner
+from rlskip.agents.base import Learner, write_named
 from rlskip.agents.tb import batch_stats, record_batch
-from rlskip.checkpoint import atomic_write_bytes
 
 PAD_LOGIT = 30.0  # padding token positions: "keep" with probability ~1, so no log-prob and no entropy
 
@@ -112,10 +111,10 @@ class PPOLearner(Learner):
         run_dir: the run directory.
         seed: PPO's seed.
         budget_input: whether observations carry a budget.
-        generator_step: joint mode: ``generator_step(indices, bits, token_keep)`` after each rollout.
+        generator: joint mode: a :class:`~rlskip.agents.joint.GeneratorTuner` stepped after each rollout.
     """
 
-    def __init__(self, env, constraint, logger, agent_cfg, seed: int, budget_input: bool = False, generator_step=None) -> None:
+    def __init__(self, env, constraint, logger, agent_cfg, seed: int, budget_input: bool = False, generator=None) -> None:
         self.env, self.constraint, self.logger = env, constraint, logger
         env.constraint = constraint
         a = agent_cfg
@@ -128,7 +127,7 @@ class PPOLearner(Learner):
         )
         self.model.set_logger(logger)
         self.stats_cb = _RolloutStats()
-        self.generator_step = generator_step
+        self.generator = generator
         self.iteration = 0
 
     @property
@@ -141,10 +140,10 @@ class PPOLearner(Learner):
         infos = self.stats_cb.infos
         stats = batch_stats(infos)
         self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"])
-        if self.generator_step is not None:
+        if self.generator is not None:
             last = infos[-self.env.num_envs :]
             bits = torch.as_tensor(np.stack([i["plan_bits"] for i in last])).bool()
-            self.logger.record("train/generator_loss", self.generator_step([i["index"] for i in last], bits, None))
+            self.logger.record("train/generator_loss", self.generator.step([i["index"] for i in last], bits, None))
         self.iteration += 1
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)
@@ -154,17 +153,17 @@ class PPOLearner(Learner):
             "quality_full": float(stats["quality_full"].mean()), "cost": float(stats["cost"].mean()),
         }
 
-    def save(self, folder: Path) -> None:
-        """SB3's own zip (``ppo.zip``, loadable with ``PPO.load``: weights and optimiser) beside the learner's state."""
+    def save(self, folder: Path) -> dict[str, str]:
+        """SB3's own zip (``ppo-<hash>.zip``, loadable with ``PPO.load``: weights and optimiser) beside the
+        learner's state."""
         buf = io.BytesIO()
         self.model.save(buf)
-        atomic_write_bytes(Path(folder) / "ppo.zip", buf.getvalue())
-        super().save(folder)
+        return {**super().save(folder), "ppo": write_named(Path(folder), "ppo", ".zip", buf.getvalue())}
 
-    def load(self, folder: Path) -> None:
-        self.model = PPO.load(Path(folder) / "ppo.zip", env=self.env, device="cpu")
+    def load(self, folder: Path, files: dict[str, str]) -> None:
+        self.model = PPO.load(Path(folder) / files["ppo"], env=self.env, device="cpu")
         self.model.set_logger(self.logger)
-        super().load(folder)
+        super().load(folder, files)
 
     def state_dict(self) -> dict:
         """Iteration, constraint, data stream and RNG; the weights and optimiser live in ``ppo.zip``.
@@ -176,6 +175,7 @@ class PPOLearner(Learner):
         return {
             "iteration": self.iteration, "constraint": self.constraint.state_dict(), "env": self.env.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "generator": None if self.generator is None else self.generator.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -183,3 +183,5 @@ class PPOLearner(Learner):
         self.constraint.load_state_dict(state["constraint"])
         self.env.set_state(state["env"])
         torch.set_rng_state(state["torch_rng"])
+        if self.generator is not None:
+            self.generator.load_state_dict(state["generator"])

@@ -35,8 +35,6 @@ under the sampled plans (its own optimiser), and the environment's cache of full
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 from torch import nn
@@ -88,11 +86,11 @@ class Reinforce(Learner):
         logger: a Stable-Baselines3 logger (TensorBoard + CSV).
         config: the agent's config (:class:`rlskip.config.ReinforceConfig`: learning rate, coefficients,
             ``normalize_advantage``, ``self_critical``, ``iterations`` and ``lr_decay``).
-        generator_step: in joint mode, called as ``generator_step(indices, bits, token_keep)`` after each
+        generator: in joint mode, a :class:`~rlskip.agents.joint.GeneratorTuner` stepped after each
             policy step to tune the generator under the sampled plans; returns its loss.
     """
 
-    def __init__(self, env, policy, constraint, logger, config, generator_step: Callable | None = None) -> None:
+    def __init__(self, env, policy, constraint, logger, config, generator=None) -> None:
         self.env, self._policy, self.constraint, self.logger, self.cfg = env, policy, constraint, logger, config
         self.env.constraint = constraint
         self.group_size = int(getattr(env, "group_size", 1))
@@ -102,7 +100,7 @@ class Reinforce(Learner):
         self.value = ValueHead(policy.d_model, policy.init_kwargs["hidden"], policy.budget_input) if self.group_size == 1 else None
         self._params = list(policy.parameters()) + (list(self.value.parameters()) if self.value is not None else [])
         self.optimizer = torch.optim.Adam(self._params, lr=config.lr)
-        self.generator_step = generator_step
+        self.generator = generator
         self.iteration = 0
         self._obs = None
 
@@ -129,7 +127,7 @@ class Reinforce(Learner):
                 token_keep = torch.where(greedy[:, None], g_tokens, token_keep)
         keep_tokens = torch.ones_like(obs["token_mask"]) if token_keep is None else token_keep
         action = torch.cat([bits, keep_tokens], 1).to(torch.int8).numpy()
-        indices = self.env.current_indices() if self.generator_step is not None else None
+        indices = self.env.current_indices() if self.generator is not None else None
         self._obs, rewards, _, infos = self.env.step(action)
 
         r = torch.as_tensor(rewards, dtype=torch.float32)
@@ -159,8 +157,8 @@ class Reinforce(Learner):
         stats = batch_stats(infos)
         self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"])
         gen_loss = None
-        if self.generator_step is not None:
-            gen_loss = self.generator_step(indices, bits, token_keep)
+        if self.generator is not None:
+            gen_loss = self.generator.step(indices, bits, token_keep)
         self.iteration += 1
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)
@@ -200,6 +198,7 @@ class Reinforce(Learner):
             "env": self.env.get_state(),
             "torch_rng": torch.get_rng_state(),
             "obs": self._obs,
+            "generator": None if self.generator is None else self.generator.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,3 +213,5 @@ class Reinforce(Learner):
         self.env.set_state(state["env"])
         torch.set_rng_state(state["torch_rng"])
         self._obs = state["obs"]
+        if self.generator is not None:
+            self.generator.load_state_dict(state["generator"])

@@ -10,14 +10,15 @@ that spread.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlskip.agents.base import STATE_FILE, Learner
-from rlskip.agents.generator import backbone_reference, save_generator
-from rlskip.checkpoint import load_checkpoint, save_checkpoint
+from rlskip.agents.base import Learner
+from rlskip.agents.generator import save_generator
+from rlskip.checkpoint import Checkpoint, load_checkpoint, make_backbone_ref, save_checkpoint
 from rlskip.constraints import Budget, from_config
 from rlskip.evaluation import EvalData, latency_ratio
 from rlskip.methods import planned, policy_plans
@@ -63,13 +64,14 @@ def select_policy(constraint, rows: list[dict]) -> int:
     return max(range(len(rows)), key=lambda i: key(rows[i]))
 
 
-def make_learner(cfg: DictConfig, env, logger, seed: int, generator_step=None) -> Learner:
-    """The learner ``cfg.agent`` names, on ``env``, with the run's constraint."""
+def make_learner(cfg: DictConfig, env, logger, seed: int, generator=None) -> Learner:
+    """The learner ``cfg.agent`` names, on ``env``, with the run's constraint (and, in joint mode, the
+    generator tuner)."""
     constraint = from_config(cfg.constraint)
     if cfg.agent.name == "ppo":
         from rlskip.agents.ppo import PPOLearner
 
-        return PPOLearner(env, constraint, logger, cfg.agent, seed=seed, generator_step=generator_step)
+        return PPOLearner(env, constraint, logger, cfg.agent, seed=seed, generator=generator)
     from rlskip.agents.reinforce import Reinforce
 
     a, rt = cfg.agent, env.rollout.runtime
@@ -77,14 +79,58 @@ def make_learner(cfg: DictConfig, env, logger, seed: int, generator_step=None) -
         rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
         length_input=a.length_input,
     )
-    return Reinforce(env, policy, constraint, logger, a, generator_step)
+    return Reinforce(env, policy, constraint, logger, a, generator)
 
 
-def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_data: EvalData, generator_dir: Path, tokenizer):
-    """Train (or finish, when ``cdir`` holds its ``trainer_state.pt``) policy ``c`` on ``env``.
+def resume_point(cdir: Path) -> Checkpoint | None:
+    """The ``last`` checkpoint a policy directory resumes from (None: the policy has not started)."""
+    return load_checkpoint(cdir, "last") if (cdir / "last.json").is_file() else None
 
-    Returns ``(learner, backbone reference, stats of its last batch)``. In joint mode the generator as tuned
-    so far is saved to ``generator_dir`` with each checkpoint, and the reference follows it.
+
+def tuned_generator_ref(cfg: DictConfig, rt, tokenizer, cdir: Path) -> dict:
+    """Save the generator as tuned so far into ``cdir/generator-<content hash>`` (once per content) and return
+    the backbone reference naming it: each checkpoint points at the generator it was trained with."""
+    ref = make_backbone_ref(rt.model, rt.family, revision=cfg.backbone.revision)
+    folder = cdir / f"generator-{ref['content_hash'][:16]}"
+    if not folder.is_dir():
+        save_generator(rt.model, tokenizer, folder)
+    ref["name_or_path"] = ref["tokenizer"] = str(folder.resolve())
+    return ref
+
+
+def adopt_generator(ref: dict, run_dir: Path) -> dict:
+    """A checkpoint's backbone reference for the run directory: a tuned generator folder from a policy's
+    directory is copied up beside the run's checkpoints, so the run directory holds what its checkpoints name."""
+    src = Path(ref["name_or_path"])
+    if not src.name.startswith("generator-") or src.parent == run_dir.resolve():
+        return ref
+    dst = run_dir / src.name
+    if not dst.is_dir():
+        shutil.copytree(src, dst.with_name(dst.name + ".tmp"), dirs_exist_ok=True)
+        dst.with_name(dst.name + ".tmp").rename(dst)
+    return {**ref, "name_or_path": str(dst.resolve()), "tokenizer": str(dst.resolve())}
+
+
+def prune(cdir: Path) -> None:
+    """Remove the content-named files and generator folders no checkpoint of ``cdir`` names any more."""
+    named = set()
+    for meta in cdir.glob("*.json"):
+        extra_files = json.loads(meta.read_text()).get("extra", {}).get("files", {}) if meta.stem in ("last", "best") else {}
+        named |= set(extra_files.values())
+        if meta.stem in ("last", "best"):
+            named.add(Path(json.loads(meta.read_text())["backbone"]["name_or_path"]).name)
+    for p in [*cdir.glob("trainer_state-*.pt"), *cdir.glob("ppo-*.zip"), *cdir.glob("generator-*")]:
+        if p.name not in named:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_data: EvalData, tokenizer):
+    """Train (or finish, when ``cdir`` holds its ``last`` checkpoint) policy ``c`` on ``env``.
+
+    Returns ``(learner, backbone reference, stats of its last batch)``. A checkpoint is one unit: the learner's
+    state (and SB3's zip), in joint mode the generator as tuned so far, then the policy, and last the manifest
+    ``last.json`` naming them all with the best reward so far; a kill at any moment leaves the previous
+    checkpoint whole. ``best`` names its own generator.
     """
     from stable_baselines3.common.logger import Logger, configure
     from tqdm import tqdm
@@ -92,8 +138,8 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
     from rlskip.agents.tb import record_text
 
     rt, ex = env.rollout.runtime, env.rollout.executor
-    resuming = (cdir / STATE_FILE).is_file()
-    finished = resuming and torch.load(cdir / STATE_FILE, weights_only=False)["iteration"] >= cfg.agent.iterations
+    last = resume_point(cdir)
+    finished = last is not None and last.step >= cfg.agent.iterations
     tb = cdir / "tb"
     if finished:
         logger = Logger(None, [])  # finished before a stop: its TensorBoard events stay as they are
@@ -102,24 +148,20 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
             # SB3 opens progress.csv for writing: keep the interrupted segment's rows under another name
             (tb / "progress.csv").rename(tb / f"progress.{len(list(tb.glob('progress.*.csv')))}.csv")
         logger = configure(str(tb), ["tensorboard", "csv"])
-    generator_step = None
+    generator = None
     if cfg.generator.mode == "joint":
         from rlskip.agents.joint import GeneratorTuner
 
-        tuner = GeneratorTuner(rt, ex.encoder, env.examples, cfg.generator.lr)
-
-        def generator_step(indices, bits, token_keep):
-            loss = tuner.step(indices, bits, token_keep)
-            env.full_outputs = {}  # the full model changed: its cached outputs are stale
-            return loss
-
-    learner = make_learner(cfg, env, logger, policy_seed(cfg.seed, c), generator_step)
-    if resuming:
-        learner.load(cdir)
+        generator = GeneratorTuner(env, cfg.generator.lr)
+    learner = make_learner(cfg, env, logger, policy_seed(cfg.seed, c), generator)
+    best, stats = -float("inf"), {}
+    if last is not None:
+        learner.load(cdir, last.extra["files"])
+        best = last.extra["best_reward"]
+        ref = last.backbone_ref
     else:
         record_text(logger, "config", OmegaConf.to_yaml(cfg, resolve=True))
     n = cfg.agent.policies
-    best, stats = -float("inf"), {}
     bar = tqdm(
         total=cfg.agent.iterations, initial=learner.iteration, desc="policy" if n == 1 else f"policy {c + 1}/{n}",
         disable=not cfg.log.progress,
@@ -131,19 +173,20 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
             logger.record("cost/latency_ratio", latency_ratio(ex, latency_data, method, cfg.eval.latency_batch, repeats=1))
         final = it == cfg.agent.iterations
         stats = learner.train_iteration(log=final or it % cfg.log.every == 0, image=final or it % (cfg.log.every * 10) == 0)
+        learner.check_health()
         bar.update(1)
         bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['cost']:.3f}")
         if it % cfg.log.checkpoint_every == 0 or final:
-            if cfg.generator.mode == "joint":  # the checkpoint must point at the generator as tuned so far
-                save_generator(rt.model, tokenizer, generator_dir)
-                ref = backbone_reference(cfg, generator_dir, rt.model, rt)
-            learner.save(cdir)
-            save_checkpoint(cdir, learner.policy, rt.space, ref, it, extra=stats, name="last")
+            if generator is not None:
+                ref = tuned_generator_ref(cfg, rt, tokenizer, cdir)
+            files = learner.save(cdir)
             if stats["reward"] > best:
                 best = stats["reward"]
                 save_checkpoint(cdir, learner.policy, rt.space, ref, it, extra=stats, name="best")
+            save_checkpoint(cdir, learner.policy, rt.space, ref, it, extra={**stats, "files": files, "best_reward": best}, name="last")
+            prune(cdir)
     bar.close()
     logger.close()
     if not stats:  # finished before this (resumed) process: the last checkpoint holds its final batch
-        stats = {k: v for k, v in load_checkpoint(cdir, "last").extra.items() if k != "threshold"}
+        stats = {k: v for k, v in last.extra.items() if k in ("reward", "quality", "quality_full", "cost")}
     return learner, ref, stats

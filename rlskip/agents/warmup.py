@@ -115,7 +115,7 @@ def train_generator(
             plan = random_plan(rt.space, batch_size, skip_prob, gen)
             _, loss = rt.forward(obs, plan, labels=labels)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"warm-up loss became {loss.item()} at step {step}; lower the learning rate")
+                raise ValueError(f"the generator warm-up diverged: its loss became {loss.item()} at step {step}; lower backbone.warmup.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,12 +24,31 @@ def build_task(env_cfg, seed: int):
     return get_task(env_cfg.name, **kwargs)
 
 
-def load_examples(env_cfg, task, eval_limit: int) -> tuple[list, list]:
-    """Training examples (``env.split`` of ``env.data_files``) and evaluation examples (``env.eval_split`` of
-    ``env.eval_data_files``, defaulting to ``env.data_files``)."""
-    train = task.load(split=env_cfg.split, data_files=env_cfg.data_files, limit=env_cfg.limit)
+def load_examples(env_cfg, task, eval_limit: int) -> tuple[list, list, dict]:
+    """Training and evaluation examples, disjoint, and how they were made (for ``summary.json``).
+
+    With separate sources (``env.eval_data_files``, or another ``env.eval_split`` of the hub or the
+    synthetic task) evaluation reads its own. When both would read the same rows (``env.data_files`` without
+    ``env.eval_data_files``, or one split for both), the rows are loaded once and split in file order: the last
+    ``eval.limit`` rows (at most a fifth) for evaluation, the rest (up to ``env.limit``) for training.
+    """
     eval_files = env_cfg.eval_data_files or env_cfg.data_files
-    return train, task.load(split=env_cfg.eval_split, data_files=eval_files, limit=eval_limit)
+    same = eval_files == env_cfg.data_files and (env_cfg.data_files is not None or env_cfg.split == env_cfg.eval_split)
+    if not same:
+        train = task.load(split=env_cfg.split, data_files=env_cfg.data_files, limit=env_cfg.limit)
+        held_out = task.load(split=env_cfg.eval_split, data_files=eval_files, limit=eval_limit)
+        how = f"training from {env_cfg.data_files or 'split ' + env_cfg.split}, evaluation from {eval_files or 'split ' + env_cfg.eval_split}"
+        return train, held_out, {"how": how, "train": len(train), "evaluation": len(held_out)}
+    pool = task.load(split=env_cfg.split, data_files=env_cfg.data_files)
+    n_eval = min(int(eval_limit), len(pool) // 5)
+    if n_eval < 1:
+        raise ValueError(f"{len(pool)} examples are too few to hold any out for evaluation; add data or set env.eval_data_files")
+    train, held_out = pool[: len(pool) - n_eval], pool[len(pool) - n_eval :]
+    if env_cfg.limit is not None:
+        train = train[: env_cfg.limit]
+    source = env_cfg.data_files or f"split {env_cfg.split}"
+    how = f"one source ({source}, {len(pool)} rows) split in order: training first, the last {n_eval} rows held out for evaluation"
+    return train, held_out, {"how": how, "train": len(train), "evaluation": len(held_out)}
 
 
 def split_calibration(train: list, wanted: int) -> tuple[list, list]:

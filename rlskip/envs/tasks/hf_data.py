@@ -26,6 +26,8 @@ from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from rlskip.backbone import hub_reachable
+from rlskip.encoding import read_utf8_lines
 from rlskip.metrics import get_metric, score_many
 
 from .base import Example, Task
@@ -70,12 +72,13 @@ def _load_hub(
 ) -> datasets.Dataset:
     """One split from the hub; an unreachable hub becomes a one-line ValueError naming ``env.data_files``."""
     offline = hub_offline()
+    reachable = not offline and hub_reachable()
     try:
-        with _libraries_offline(offline):
+        with _libraries_offline(not reachable):
             return datasets.load_dataset(hub_path, hub_config, split=split)
     except (ConnectionError, TimeoutError, LocalEntryNotFoundError) as err:
         name = f"{hub_path} ({hub_config})" if hub_config else hub_path
-        why = "offline" if offline else f"unreachable: {type(err).__name__}"
+        why = "offline" if offline else ("unreachable" if not reachable else f"unreachable: {type(err).__name__}")
         example = f" (e.g. env.data_files={local_example})" if local_example else ""
         raise ValueError(
             f"cannot load {name} from the Hugging Face hub ({why}); point env.data_files at local JSON lines / "
@@ -92,6 +95,8 @@ def _load_local_file(path: Path, required_fields: Sequence[str]) -> datasets.Dat
         raise ValueError(
             f"cannot read {path}: unknown extension {path.suffix!r}; expected one of {sorted(LOCAL_BUILDERS)}"
         )
+    if builder in ("json", "csv"):
+        read_utf8_lines(path)  # a text file that is not UTF-8 fails naming its line, not deep inside datasets
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except DatasetGenerationError as err:
