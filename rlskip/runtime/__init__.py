@@ -32,6 +32,8 @@ def get_runtime(model) -> Runtime:
 
 
 from rlskip.runtime import bart  # noqa: E402,F401  (registers the family)
+from rlskip.runtime import bert  # noqa: E402,F401
+from rlskip.runtime import t5  # noqa: E402,F401
 
 __all__ = [
     "KINDS", "ClassifyOutput", "GenerateOutput", "ModelDims", "Observation", "Runtime", "RUNTIMES", "get_runtime",
