@@ -104,7 +104,10 @@ def test_distinct_plans_in_a_batch_equal_each_row_alone(case, setting):
     plan = _plan(rt, obs)
     kw = case.gen_settings[setting]
     out = rt.generate(obs, plan, **kw)
-    pad = case.model.generation_config.pad_token_id
+    cfg = case.model.generation_config
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    # finished rows are padded as generate() pads them: beam search falls back to EOS when pad is 0 or unset
+    pad = cfg.pad_token_id if kw.get("num_beams", 1) == 1 else (cfg.pad_token_id or eos[0])
     for i in range(obs.batch_size):
         alone_obs = rt.observe(_row(mask, i, ids), _row(mask, i, mask))
         tk = None if plan.token_keep is None else _row(mask, i, plan.token_keep)
@@ -262,6 +265,20 @@ def test_wrong_plans_fail_with_a_clear_error(case):
             run(Plan(rt.space, torch.ones(obs.batch_size, rt.space.n_bits, dtype=torch.bool), torch.ones(obs.batch_size, 3, dtype=torch.bool)))
     with pytest.raises(ValueError, match="expected an rlskip.Plan"):
         run(torch.ones(obs.batch_size, rt.space.n_bits, dtype=torch.bool))
+
+
+@_ids(list(CASES.values()))
+def test_the_other_heads_calls_fail_with_a_clear_error(case):
+    rt = _runtime(case)
+    obs = rt.observe(*case.inputs())
+    ones = Plan.all_ones(rt.space, obs.batch_size)
+    calls = [lambda: rt.classify(obs, ones)] if rt.head == "lm" else [
+        lambda: rt.generate(obs, ones, max_new_tokens=2), lambda: rt.forward(obs, ones, labels=obs.input_ids),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert "\n" not in str(e.value) and str(e.value)
 
 
 @_ids(list(CASES.values()))

@@ -77,3 +77,20 @@ def test_sequence_classifier_path():
     assert torch.equal(out.flops, out.full_flops)
     with pytest.raises(ValueError, match="use classify"):
         rt.generate(obs, Plan.all_ones(rt.space, 2), max_new_tokens=2)
+
+
+def test_family_specific_input_errors():
+    import families.bert  # noqa: F401
+    import families.t5  # noqa: F401
+    from families import CASES
+
+    bert = get_runtime(CASES["bert-tiny"].model)
+    ids, mask = CASES["bert-tiny"].inputs()
+    left = torch.flip(ids, [1]), torch.flip(mask, [1])  # padding first
+    with pytest.raises(ValueError, match="inputs must be right-padded"):
+        bert.observe(*left)
+    with pytest.raises(ValueError, match="FLOPs take steps=None"):
+        bert.flops(Plan.all_ones(bert.space, 1), 10, steps=3)
+    t5 = get_runtime(CASES["t5-v1_0-tiny"].model)
+    with pytest.raises(ValueError, match="FLOPs need the number of decoding steps"):
+        t5.flops(Plan.all_ones(t5.space, 1), 10)

@@ -132,7 +132,7 @@ GREEDY, BEAM_MIN = dict(max_new_tokens=30), dict(max_new_tokens=30, min_new_toke
 # a slightly wider init (initializer_factor) makes outputs depend on the source (a much wider one makes the logits
 # sensitive to the last bits of SDPA's kernels); the EOS biases make rows stop at varied steps
 register(T5LM(
-    "t5-v1_0-tiny", gen_settings=[GREEDY, dict(max_new_tokens=30, **BEAM), BEAM_MIN, dict(GREEDY, min_new_tokens=6)],
+    "t5-v1_0-tiny", gen_settings=[GREEDY, dict(GREEDY, min_new_tokens=6), dict(max_new_tokens=30, **BEAM), BEAM_MIN],
     eos_bias=5.0, use_labels=True, config=dict(feed_forward_proj="relu", initializer_factor=1.2),
 ))
 register(T5LM(
