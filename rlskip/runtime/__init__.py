@@ -32,6 +32,7 @@ def get_runtime(model) -> Runtime:
 
 
 from rlskip.runtime import bart  # noqa: E402,F401  (registers the family)
+from rlskip.runtime import llama  # noqa: E402,F401  (registers the family)
 from rlskip.runtime import bert  # noqa: E402,F401
 from rlskip.runtime import t5  # noqa: E402,F401
 
