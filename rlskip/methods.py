@@ -26,7 +26,7 @@ from rlskip.execute import Executed, Executor
 from rlskip.plan import Plan
 from rlskip.policy import observation_inputs
 from rlskip.runtime.base import Observation
-from rlskip.runtime.search import greedy_search, resolve_settings
+from rlskip.runtime.search import greedy_search
 from rlskip.space import SkipSpace
 
 PlanSource = Callable[[Observation], tuple[Plan, torch.Tensor]]
@@ -38,12 +38,14 @@ def _free(obs: Observation) -> torch.Tensor:
 
 
 def planned(source: PlanSource) -> Method:
-    """The method that decides with ``source`` and executes the plans."""
+    """The method that decides with ``source`` and executes the plans; ``method.source`` is ``source``, so
+    plan-aware batching (:mod:`rlskip.batching`) can decide a pool of instances before batching them."""
 
     def method(ex: Executor, obs: Observation) -> Executed:
         plan, cost = source(obs)
         return ex.run(obs, plan, cost)
 
+    method.source = source
     return method
 
 
@@ -171,7 +173,7 @@ class EarlyExit:
         if ex.task_kind != "generation":
             raise ValueError("early exit applies to generation tasks; for an encoder use truncation_bits")
         prompt = rt.prompt(obs)
-        s = resolve_settings(rt.generation_config(), prompt.shape[1], **ex.gen_kwargs)
+        s = rt.search_settings(obs, prompt, **ex.gen_kwargs)
         if s.num_beams != 1 or s.do_sample:
             raise ValueError(f"early exit decodes greedily (num_beams=1, no sampling), got num_beams={s.num_beams}")
         with torch.inference_mode():

@@ -105,7 +105,8 @@ def test_distinct_plans_in_a_batch_equal_each_row_alone(case, setting):
     kw = case.gen_settings[setting]
     out = rt.generate(obs, plan, **kw)
     cfg = case.model.generation_config
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    eos = kw.get("eos_token_id", cfg.eos_token_id)
+    eos = eos if isinstance(eos, list) else [eos]
     # finished rows are padded as generate() pads them: beam search falls back to EOS when pad is 0 or unset
     pad = cfg.pad_token_id if kw.get("num_beams", 1) == 1 else (cfg.pad_token_id or eos[0])
     for i in range(obs.batch_size):

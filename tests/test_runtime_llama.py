@@ -20,9 +20,9 @@ TINY = ["llama-tiny", "qwen2-tiny", "mistral-tiny"]
 
 def _right_pad(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [ids[i, mask[i]].tolist() for i in range(ids.shape[0])]
-    width = ids.shape[1]
+    width, pad = ids.shape[1], int(ids[~mask][0]) if not mask.all() else 0
     return (
-        torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+        torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
         torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows]),
     )
 
@@ -61,6 +61,12 @@ def test_right_padding_generates_what_left_padding_does(name):
     right = rt.generate(rt.observe(r_ids, r_mask), Plan(rt.space, bits, r_drop), **kw)
     assert torch.equal(left.new_tokens, right.new_tokens)
     assert torch.equal(left.input_kept, right.input_kept) and torch.equal(left.flops, right.flops)
+    # the prompt comes back left-aligned, as generate() returns it, whichever side the input was padded on
+    assert torch.equal(left.sequences, right.sequences)
+    # and prompt-reading processors see that layout: the same tokens as generate() on the left-padded batch
+    kw = dict(max_new_tokens=8, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    ones = Plan.all_ones(rt.space, ids.shape[0])
+    assert torch.equal(rt.generate(rt.observe(r_ids, r_mask), ones, **kw).sequences, case.hf_generate(ids, mask, **kw))
 
 
 def test_observation_positions_protection_and_first_layer_cache():

@@ -1,7 +1,8 @@
-"""Generator warm-up: teacher-forced training of a seq2seq backbone with random sub-layer dropping.
+"""Backbone warm-up: task training of the backbone with random sub-layer dropping.
 
-Before a policy can learn what to skip, the generator must solve the task and tolerate missing
-sub-layers. Each training instance gets its own random plan in which every skippable sub-layer is
+Before a policy can learn what to skip, the backbone must solve the task and tolerate missing sub-layers:
+a generator learns its targets by teacher forcing, a classifier its labels (e.g. fine-tuning an encoder's
+classification head and body on GLUE). Each training instance gets its own random plan in which every skippable sub-layer is
 dropped with probability ``skip_prob`` (LayerDrop, but per sub-layer and per instance); the plan is executed
 by the skip-aware runtime, so training sees exactly the computation that inference with a plan runs.
 """
@@ -58,12 +59,13 @@ def train_generator(
     seed: int = 0,
     progress: bool = True,
 ) -> WarmupStats:
-    """Train ``model`` (in place) on ``examples`` with teacher forcing under random per-instance plans.
+    """Train ``model`` (in place) on ``examples`` under random per-instance plans: teacher forcing for a
+    generator, cross-entropy on the class for a classifier.
 
     Args:
-        model: a generator some runtime supports.
+        model: a generator or classifier some runtime supports.
         encoder: its :class:`~rlskip.encoding.Encoder` (inputs cut to its ``max_tokens``, as everywhere else).
-        examples: training instances; the first target of each is the label.
+        examples: training instances; a generator learns the first target of each, a classifier its label.
         steps: number of optimiser steps. With ``time_budget`` too, training stops at whichever comes first.
         time_budget: seconds of training; the learning-rate schedule follows elapsed time when it binds.
         batch_size: instances per step, drawn uniformly at random with replacement.
@@ -85,9 +87,12 @@ def train_generator(
         raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}")
     if not 0.0 <= skip_prob < 1.0:
         raise ValueError(f"skip_prob must be in [0, 1), got {skip_prob}")
-    src, _ = encoder.inputs(examples)
-    tgt = encoder.labels(examples)
     rt = get_runtime(model)
+    classifier = rt.head == "classifier"
+    if not examples:
+        raise ValueError("training needs at least one example")
+    src, _ = encoder.inputs(examples)
+    tgt = [ex.label for ex in examples] if classifier else encoder.labels(examples)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
@@ -110,10 +115,14 @@ def train_generator(
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.0)
             idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
-            input_ids, mask, protected, labels = encoder.training_rows([src[i] for i in idx], [tgt[i] for i in idx])
-            obs = rt.observe(input_ids, mask, protected)
             plan = random_plan(rt.space, batch_size, skip_prob, gen)
-            _, loss = rt.forward(obs, plan, labels=labels)
+            if classifier:
+                obs = rt.observe(*encoder.batch([src[i] for i in idx]))
+                loss = rt.classify(obs, plan, labels=torch.tensor([tgt[i] for i in idx])).loss
+            else:
+                input_ids, mask, protected, labels = encoder.training_rows([src[i] for i in idx], [tgt[i] for i in idx])
+                obs = rt.observe(input_ids, mask, protected)
+                _, loss = rt.forward(obs, plan, labels=labels)
             if not math.isfinite(loss.item()):
                 raise ValueError(f"the generator warm-up diverged: its loss became {loss.item()} at step {step}; lower backbone.warmup.lr")
             opt.zero_grad(set_to_none=True)

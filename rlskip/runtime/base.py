@@ -26,7 +26,7 @@ import torch
 
 from rlskip.flops import plan_flops
 from rlskip.plan import Plan
-from rlskip.runtime.search import SkipDecoder, beam_search, greedy_search, resolve_settings
+from rlskip.runtime.search import SearchSettings, SkipDecoder, beam_search, greedy_search, resolve_settings
 from rlskip.space import SkipSpace
 
 KINDS = ("seq2seq", "causal", "encoder")
@@ -203,15 +203,27 @@ class Runtime(ABC):
 
     # ------------------------------------------------------------------------------------------------
     def prompt(self, obs: Observation) -> torch.Tensor:
-        """The ids the logits processors see before the new tokens: a decoder-only model's input as given;
-        an encoder-decoder's start token."""
+        """The ids the logits processors see before the new tokens: a decoder-only model's input, left-aligned
+        as ``generate()`` takes it (a right-padded batch is moved, pads first, so every row's prompt ends where
+        its new tokens begin); an encoder-decoder's start token."""
         if self.kind == "causal":
-            return obs.input_ids
+            ids, mask = obs.input_ids, obs.attention_mask
+            if bool(mask[:, -1].all()):
+                return ids
+            order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices  # padding first, then the prompt
+            return ids.gather(1, order)
         cfg = self.generation_config()
         start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.bos_token_id
         if start is None:
             raise ValueError("the generation config has no decoder_start_token_id")
         return torch.full((obs.batch_size, 1), int(start), dtype=torch.long, device=obs.input_ids.device)
+
+    def search_settings(self, obs: Observation, prompt: torch.Tensor, **gen_kwargs) -> SearchSettings:
+        """Generation options merged over the model's defaults for this batch's prompt."""
+        s = resolve_settings(self.generation_config(), prompt.shape[1], **gen_kwargs)
+        if self.kind == "causal":  # the prompt is left-aligned: each row starts with its padding
+            s.prompt_padding = prompt.shape[1] - obs.lengths
+        return s
 
     def generate(
         self, obs: Observation, plan: Plan, return_margins: bool = False, generator: torch.Generator | None = None,
@@ -229,7 +241,7 @@ class Runtime(ABC):
         if self.head != "lm":
             raise ValueError(f"this {self.family} runtime wraps a classifier: use classify(), not generate()")
         prompt = self.prompt(obs)
-        s = resolve_settings(self.generation_config(), prompt.shape[1], **gen_kwargs)
+        s = self.search_settings(obs, prompt, **gen_kwargs)
         with torch.no_grad():
             dec, kept = self.decoder(obs, plan, s.num_beams, s.max_length)
             margins = None

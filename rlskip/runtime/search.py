@@ -67,6 +67,9 @@ class SearchSettings:
     prompt_len: int
     eos: list[int]
     pad: int | None
+    # per instance, the padding a decoder-only prompt starts with: the repetition penalty ignores it, as
+    # generate() does with the attention mask (None: no padding to ignore)
+    prompt_padding: torch.Tensor | None = None
 
     @property
     def num_beams(self) -> int:
@@ -129,7 +132,8 @@ def logits_processors(s: SearchSettings, device: torch.device) -> LogitsProcesso
     cfg, procs = s.config, LogitsProcessorList()
     eos_t = torch.tensor(s.eos, device=device) if s.eos else None
     if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(penalty=cfg.repetition_penalty))
+        padding = None if s.prompt_padding is None else s.prompt_padding.repeat_interleave(s.num_beams).to(device)
+        procs.append(RepetitionPenaltyLogitsProcessor(penalty=cfg.repetition_penalty, prompt_ignore_length=padding))
     if cfg.no_repeat_ngram_size:
         procs.append(NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
     if eos_t is not None and s.min_length > 0:
