@@ -8,11 +8,14 @@ only when something is loaded.
 from __future__ import annotations
 
 
-def load(path, name: str = "last", backbone: str | None = None, threshold: float | None = None):
+def load(
+    path, name: str = "last", backbone: str | None = None, threshold: float | None = None, batch_size: int = 16,
+    plan_aware: bool = True,
+):
     """Load a checkpoint for inference; see :func:`rlskip.inference.load`."""
     from rlskip.inference import load as _load
 
-    return _load(path, name=name, backbone=backbone, threshold=threshold)
+    return _load(path, name=name, backbone=backbone, threshold=threshold, batch_size=batch_size, plan_aware=plan_aware)
 
 
 __all__ = ["load"]

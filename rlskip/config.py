@@ -1,11 +1,12 @@
-"""Configuration schemas, composed with Hydra for every entry point (``train``, ``evaluate``, ``generate``).
+"""Configuration schemas, composed with Hydra for every entry point (``train``, ``evaluate``, ``generate``,
+``serve``).
 
 ``configs/`` holds ``config.yaml`` (training) and the groups ``env/`` and ``backbone/`` (what a task and a
-model are); ``configs/entry/`` holds ``evaluate.yaml`` and ``generate.yaml``. The dataclasses below are the schemas and hold every
-default in one place; each agent and each constraint has its own schema, registered as the options of the
-``agent`` and ``constraint`` groups, so a key another option owns is refused as unknown. Configs are composed
-with Hydra's Compose API (not ``@hydra.main``) so that every configuration error reaches the user as one
-line naming the key, before anything is loaded or written.
+model are); ``configs/entry/`` holds ``evaluate.yaml``, ``generate.yaml`` and ``serve.yaml``. The dataclasses
+below are the schemas and hold every default in one place; each agent and each constraint has its own schema,
+registered as the options of the ``agent`` and ``constraint`` groups, so a key another option owns is refused
+as unknown. Configs are composed with Hydra's Compose API (not ``@hydra.main``) so that every configuration
+error reaches the user as one line naming the key, before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ class BudgetConfig:
 
     name: str = "budget"
     budget: float = 0.5
+    # [low, high]: train one budget-conditioned policy for every budget in it (each instance draws one, the
+    # policy reads it); inference then takes budget= per request. null: one policy for `budget`
+    budget_range: Optional[list[float]] = None
 
 
 AGENTS = {"reinforce": ReinforceConfig, "ppo": PPOConfig}
@@ -157,6 +161,9 @@ class EvalConfig:
     latency_instances: int = 64
     latency_batch: int = 16
     static_search_instances: int = 96
+    # how the best static plan at the policy's FLOPs is found: greedy (drop the sub-layer whose removal costs the
+    # least quality, one at a time: quadratic in the sub-layers) or influence (ShortGPT's block influence, one pass)
+    static_search: str = "greedy"
     calibration_instances: int = 1024  # held out of training (at most a quarter of it) to pick the decision threshold
     calibration_confidence: float = 0.95  # the quality drop must hold at this one-sided upper confidence bound
 
@@ -181,6 +188,8 @@ class TrainConfig:
     seed: int = 0
     run_dir: Optional[str] = None  # default: runs/<env>-<agent>-<timestamp>
     resume: Optional[str] = None  # a run directory to continue
+    device: str = "cpu"  # cpu | cuda | cuda:<index> | auto (under torchrun, cuda means each rank's own GPU)
+    dist_timeout_s: float = 300.0  # torchrun: a collective waiting this long for a stopped peer fails the run
 
 
 @dataclass
@@ -196,6 +205,7 @@ class GenerateConfig:
     max_new_tokens: Optional[int] = None  # default: the run's
     num_beams: Optional[int] = None  # default: the run's
     batch_size: int = 16
+    plan_aware: bool = True  # batch inputs whose plans agree (rlskip.batching); false: consecutive batches
 
 
 @dataclass
@@ -206,7 +216,10 @@ class EvaluateConfig:
     split: Optional[str] = None  # held-out split, default the run's env.eval_split
     data_files: Optional[str] = None  # held-out data file, default the run's
     limit: Optional[int] = None  # held-out instances, default the run's eval.limit
-    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # budget-conditioned policies
+    # budget-conditioned policies: the budgets to draw the policy's curve at (default: its calibrated range in
+    # steps of 0.1, or 0.25, 0.5, 0.75, 1.0)
+    budgets: Optional[list[float]] = None
+    compare: list[str] = field(default_factory=list)  # other run directories' policies on the same generator, as points
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.95])  # early exit
     threshold: Optional[float] = None  # the policy's keep threshold, default the checkpoint's calibrated one
     backbone: Optional[str] = None  # a local generator folder instead of the checkpoint's reference
@@ -218,6 +231,27 @@ class EvaluateConfig:
     out: Optional[str] = None  # output folder, default <run dir>/eval
 
 
+@dataclass
+class ServeConfig:
+    ckpt: str = MISSING  # the run directory
+    name: str = "last"  # the checkpoint
+    backbone: Optional[str] = None  # a local generator folder instead of the checkpoint's reference
+    threshold: Optional[float] = None  # default: the checkpoint's calibrated one, else 0.5
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16  # most rows per runtime call
+    max_wait_ms: float = 10.0  # work starts once the oldest request has waited this long, or enough rows wait
+    max_pool: int = 64  # most waiting rows decided together, then cut into batches (plan-aware: enough rows)
+    plan_aware: bool = True  # batches of agreeing plans (rlskip.batching); false: consecutive batches
+    full_model: bool = False  # serve the unmodified model (every plan all ones, no policy): a reference
+    max_items: int = 64  # texts per request
+    max_chars: int = 20000  # characters per text
+    max_new_tokens_limit: int = 512  # largest max_new_tokens a request may ask for
+    max_beams: int = 8  # largest num_beams a request may ask for
+    threads: Optional[int] = None  # torch intra-op threads (default: torch's choice)
+    log_level: str = "info"
+
+
 def _register() -> None:
     cs = ConfigStore.instance()
     for name, node in AGENTS.items():
@@ -227,6 +261,7 @@ def _register() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
 
 
 _register()
@@ -234,7 +269,7 @@ _register()
 
 def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     """Compose ``configs/config.yaml`` (training), or ``configs/entry/<config_name>.yaml`` (``evaluate``,
-    ``generate``: a folder of their own, so their keys do not collide with the training groups ``env`` and
+    ``generate``, ``serve``: a folder of their own, so their keys do not collide with the training groups ``env`` and
     ``backbone``), with command-line overrides, validated against its schema.
 
     Raises a ValueError of one line for any unknown key, unknown group option, bad value or bad syntax.
@@ -280,6 +315,11 @@ def validate_train(cfg: DictConfig) -> None:
         if not ok:
             raise _bad(key, v, "a finite number " + (">= 0" if allow_zero else "> 0"))
 
+    if not (cfg.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", cfg.device)):
+        raise _bad("device", cfg.device, "cpu, cuda, cuda:<index> or auto")
+    positive("dist_timeout_s")
+    if cfg.eval.static_search not in ("greedy", "influence"):
+        raise _bad("eval.static_search", cfg.eval.static_search, "one of ['greedy', 'influence']")
     if cfg.generator.mode not in ("frozen", "joint"):
         raise _bad("generator.mode", cfg.generator.mode, "one of ['frozen', 'joint']")
     for key in (
@@ -314,6 +354,12 @@ def validate_train(cfg: DictConfig) -> None:
         raise _bad("constraint.max_quality_drop", c.max_quality_drop, "a quality drop in [0, 1]")
     if c.name == "budget" and not 0.0 < c.budget <= 1.0:
         raise _bad("constraint.budget", c.budget, "a FLOPs ratio in (0, 1]")
+    if c.name == "budget" and c.budget_range is not None:
+        r = list(c.budget_range)
+        if len(r) != 2 or not 0.0 < r[0] < r[1] <= 1.0:
+            raise _bad("constraint.budget_range", r, "[low, high] with 0 < low < high <= 1")
+        if not r[0] <= c.budget <= r[1]:
+            raise _bad("constraint.budget", c.budget, f"a budget inside constraint.budget_range={r}")
     for key in ("constraint.penalty", "constraint.lam_init", "constraint.lr", "constraint.lam"):
         if OmegaConf.select(cfg, key) is not None:
             positive(key, allow_zero=True)

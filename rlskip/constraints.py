@@ -340,20 +340,38 @@ class Budget(_TracksViolation):
     (quality bought with forbidden compute earns nothing) and falls as the excess grows, so the policy is
     pushed back towards the budget. ``lam`` is the fraction of the last batch that was over budget.
 
+    A budget-conditioned run (``budget_range``) draws a budget per instance, which the policy reads: ``reward``,
+    ``satisfied`` and ``update`` then take each instance's ``budget``.
+
     Args:
-        budget: largest allowed FLOPs ratio, > 0.
+        budget: largest allowed FLOPs ratio, > 0 (the budget a conditioned policy is evaluated at by default).
+        budget_range: ``(low, high)`` within (0, 1] to train one policy for every budget in, or None.
     """
 
-    def __init__(self, budget: float) -> None:
+    def __init__(self, budget: float, budget_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         if not (np.isfinite(budget) and budget > 0.0):
             raise ValueError(f"budget must be a finite FLOPs ratio > 0, got {budget}")
         self.budget = float(budget)
+        self.budget_range = None
+        if budget_range is not None:
+            lo, hi = (float(x) for x in budget_range)
+            if not 0.0 < lo < hi <= 1.0:
+                raise ValueError(f"budget_range must be (low, high) with 0 < low < high <= 1, got {list(budget_range)}")
+            self.budget_range = (lo, hi)
 
-    def satisfied(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
+    def _limit(self, budget: ArrayLike | None):
+        return self.budget if budget is None else np.asarray(budget, dtype=np.float64)
+
+    def satisfied(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike, budget: ArrayLike | None = None) -> np.ndarray:
         _, _, c = _arrays(quality, quality_full, cost)
-        return c <= self.budget
+        return c <= self._limit(budget)
 
-    def reward(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike) -> np.ndarray:
+    def reward(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike, budget: ArrayLike | None = None) -> np.ndarray:
         q, _, c = _arrays(quality, quality_full, cost)
-        return np.where(c <= self.budget, q, -(c - self.budget))
+        b = self._limit(budget)
+        return np.where(c <= b, q, -(c - b))
+
+    def update(self, quality: ArrayLike, quality_full: ArrayLike, cost: ArrayLike, budget: ArrayLike | None = None) -> None:
+        ok = self.satisfied(quality, quality_full, cost, budget)
+        self._violating = float(1.0 - ok.mean()) if ok.size else 0.0

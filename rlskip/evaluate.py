@@ -3,7 +3,10 @@
 By default on the run's own task and held-out data (its ``config.yaml``), on one runtime and with the run's
 generation settings, every method (:mod:`rlskip.methods`) is scored for task quality, analytic FLOPs ratio (to
 the full model at the same lengths) and measured wall-clock ratio at batch 1 and batched
-(:func:`rlskip.evaluation.latency_ratio`: warm-up excluded, alternating repeats, medians). Methods:
+(:func:`rlskip.evaluation.latency_ratio`: warm-up excluded, alternating repeats, medians). Batched latency is
+reported twice: with plan-aware batching (``latency_ratio_batched``: plans decided per pool, batches of
+agreeing plans, :mod:`rlskip.batching`, as inference and serving run) and with FIFO batches
+(``latency_ratio_batched_fifo``); the full model runs in FIFO batches in both. Methods:
 
 - ``full``: the unmodified model (ratios 1 by definition);
 - ``policy``: the learned policy's deterministic decisions; ``policy@b=<budget>`` for each budget when the
@@ -11,14 +14,16 @@ the full model at the same lengths) and measured wall-clock ratio at batch 1 and
 - ``layerdrop``: a static plan skipping every sub-layer of every second layer of each stack (the first
   layer is fixed on), LayerDrop's pruning at inference;
 - ``static@<point>``: the best static plan with no more FLOPs than the policy point, found by greedy
-  search on training instances (:func:`rlskip.evaluation.greedy_static_search`);
+  search on training instances (:func:`rlskip.evaluation.greedy_static_search`, or the run's
+  ``eval.static_search=influence``: ShortGPT's block-influence order, :func:`rlskip.evaluation.influence_static_path`);
 - ``random@<point>``: per-instance random plans whose keep probability is calibrated so the mean FLOPs
   ratio matches the policy point's (a linear guess from the all-skip floor, then up to two secant steps);
 - ``early_exit@<threshold>`` (generation): CALM-style confident early exit (:class:`rlskip.methods.EarlyExit`,
   greedy); ``truncate@<k>`` (classification with a single-stack encoder): every layer after ``k`` skipped.
 
 Keys: the schema :class:`rlskip.config.EvaluateConfig` (Hydra overrides, e.g. ``thresholds=[0.5,0.9]``).
-Writes ``eval.json`` (every method with quality, flops_ratio, latency_ratio_b1, latency_ratio_batched),
+Writes ``eval.json`` (every method with quality, flops_ratio, latency_ratio_b1, latency_ratio_batched,
+latency_ratio_batched_fifo),
 ``eval.csv`` and ``pareto.png`` (quality against FLOPs ratio and against latency ratio), all atomically.
 Every error is one line on stderr starting with ``error:`` and exit code 2.
 """
@@ -38,7 +43,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlskip.config import compose
 
-COLUMNS = ("method", "kind", "quality", "flops_ratio", "latency_ratio_b1", "latency_ratio_batched", "param")
+COLUMNS = (
+    "method", "kind", "quality", "flops_ratio", "latency_ratio_b1", "latency_ratio_batched", "latency_ratio_batched_fifo",
+    "param",
+)
 
 
 # ---- configuration and data -----------------------------------------------------------------------------
@@ -75,6 +83,7 @@ class Row:
     flops_ratio: float
     latency_ratio_b1: float = 1.0
     latency_ratio_batched: float = 1.0
+    latency_ratio_batched_fifo: float = 1.0
     param: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -92,7 +101,8 @@ def evaluate(args: DictConfig) -> dict:
     from rlskip.encoding import encoder_for
     from rlskip.envs.data import build_task, load_examples, with_task_defaults
     from rlskip.execute import Executor
-    from rlskip.evaluation import EvalData, greedy_static_search, latency_ratio, run_method, static_at
+    from rlskip.evaluation import EvalData, greedy_static_search, influence_static_path, latency_ratio, run_method, static_at
+    from rlskip.checkpoint import load_checkpoint, verify_backbone
     from rlskip.inference import load
     from rlskip.methods import (
         EarlyExit, every_other_layer_bits, full_model, planned, policy_plans, random_plans, static_plan, truncation_bits,
@@ -119,18 +129,27 @@ def evaluate(args: DictConfig) -> dict:
     lat = data.head(cfg.eval.latency_instances)
     lat_b1 = lat.head(max(8, len(lat) // 4))
     if policy.budget_input:
-        for b in args.budgets:
+        budgets = args.budgets
+        if budgets is None:  # the calibrated range in steps of 0.1 (or quarters for a policy calibrated at one threshold)
+            grid = sorted(sm.thresholds) if sm.thresholds else [0.25, 1.0]
+            budgets = [b for b in (round(0.1 * i, 1) for i in range(1, 11)) if grid[0] <= b <= grid[-1]] if sm.thresholds else [0.25, 0.5, 0.75, 1.0]
+        for b in budgets:
             if not 0.0 < b <= 1.0:
                 raise ValueError(f"budgets must be FLOPs ratios in (0, 1], got {b}")
-        points = [(f"b={b:g}", b) for b in args.budgets]
+            sm.source(b)  # a budget outside a calibrated range fails here, in one line
+        points = [(f"b={b:g}", b) for b in budgets]
+    elif args.budgets is not None:
+        raise ValueError("budgets= needs a budget-conditioned policy; this one has a single operating point")
     else:
         points = [("", None)]
 
     def row(name, kind, method, param=None, **extra) -> Row:
         res = run_method(ex, task, data, method)
         lb1 = latency_ratio(ex, lat_b1, method, 1, args.repeats)
-        lbt = latency_ratio(ex, lat, method, cfg.eval.latency_batch, args.repeats)
-        return Row(name, kind, res.quality, res.flops_ratio, lb1, lbt, param, extra)
+        lbt = latency_ratio(ex, lat, method, cfg.eval.latency_batch, args.repeats, plan_aware=True)
+        # a method without plans (early exit) has no plan-aware batching: its FIFO figure is the batched one
+        fifo = latency_ratio(ex, lat, method, cfg.eval.latency_batch, args.repeats) if hasattr(method, "source") else lbt
+        return Row(name, kind, res.quality, res.flops_ratio, lb1, lbt, fifo, param, extra)
 
     # the plan of work: a list of thunks, so the progress bar counts methods
     full = run_method(ex, task, data, planned(full_model(space)))
@@ -141,17 +160,32 @@ def evaluate(args: DictConfig) -> dict:
         name = "policy" + (f"@{label}" if label else "")
 
         def run_policy(name=name, b=b):
-            r = row(name, "policy", planned(policy_plans(policy, space, threshold, b)), param=b)
+            r = row(name, "policy", planned(sm.source(b)), param=b)
             policy_rows.append(r)
             return [r]
 
         jobs.append((name, run_policy))
+    for other in args.compare:  # another policy for the same generator (e.g. one trained for a single budget)
+        ckpt = load_checkpoint(other, args.name)
+        try:
+            verify_backbone(ckpt, sm.model)
+        except ValueError as e:
+            raise ValueError(f"compare={other} was trained on another generator: {e}") from None
+        other_policy = ckpt.build_policy()
+        if other_policy.budget_input:
+            raise ValueError(f"compare={other} is budget-conditioned; compare policies trained for one operating point")
+        source = policy_plans(other_policy, space, float(ckpt.extra.get("threshold", 0.5)))
+        label = f"policy:{Path(other).name}"
+        jobs.append((label, lambda label=label, source=source: [row(label, "policy_compared", planned(source))]))
     jobs.append(("layerdrop", lambda: [row("layerdrop", "layerdrop", planned(static_plan(space, every_other_layer_bits(space))))]))
 
     def static_rows():
         target = min(r.flops_ratio for r in policy_rows)
         search = EvalData.encode(ex, train_ex[: cfg.eval.static_search_instances])
-        path = greedy_static_search(ex, task, search, min_flops_ratio=target)
+        if cfg.eval.get("static_search", "greedy") == "influence":
+            path = influence_static_path(ex, search, min_flops_ratio=target)
+        else:
+            path = greedy_static_search(ex, task, search, min_flops_ratio=target)
         out = []
         for (label, _), pr in zip(points, policy_rows):
             equal, _ = static_at(path, pr.flops_ratio)
@@ -265,11 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     width = max(len(r["method"]) for r in result["methods"])
-    print(f"{'method':<{width}}  quality  flops  latency_b1  latency_batched")
+    print(f"{'method':<{width}}  quality  flops  latency_b1  latency_batched  latency_batched_fifo")
     for r in result["methods"]:
         print(
             f"{r['method']:<{width}}  {r['quality']:7.4f}  {r['flops_ratio']:5.3f}  {r['latency_ratio_b1']:10.3f}  "
-            f"{r['latency_ratio_batched']:15.3f}"
+            f"{r['latency_ratio_batched']:15.3f}  {r['latency_ratio_batched_fifo']:20.3f}"
         )
     return 0
 

@@ -15,12 +15,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from rlskip.constraints import Budget
+from rlskip.batching import POOL_BATCHES, run_pool
+from rlskip.distributed import current, gather
 from rlskip.execute import Executor
-from rlskip.methods import Method, full_model, planned, policy_plans, static_plan
+from rlskip.methods import Method, full_model, planned, static_plan
+from rlskip.plan import Plan
 
 
 @dataclass
@@ -58,15 +59,25 @@ class MethodResult:
 
 
 def run_method(ex: Executor, task, data: EvalData, method: Method, batch_size: int = 64) -> MethodResult:
-    """Run ``method`` over ``data`` in batches and score it with the task's metric."""
-    preds, ratios = [], []
-    for _, rows in data.batches(batch_size):
-        out = method(ex, ex.observe(rows))
-        preds += out.predictions
-        ratios += out.flops_ratio.tolist()
-    scores = task.score(preds, data.examples)
+    """Run ``method`` over ``data`` in batches and score it with the task's metric. In a data-parallel job each
+    rank runs every ``world``-th batch and the outputs are gathered, so every rank gets the whole result."""
+    d = current()
+    outs = {}
+    for i, (_, rows) in enumerate(data.batches(batch_size)):
+        if i % d.world == d.rank:
+            out = method(ex, ex.observe(rows))
+            outs[i] = (out.predictions, out.flops_ratio.tolist())
+    merged = {i: o for part in gather(outs, d) for i, o in part.items()}
+    preds = [p for i in sorted(merged) for p in merged[i][0]]
+    ratios = [r for i in sorted(merged) for r in merged[i][1]]
+    return score_outputs(task, data.examples, preds, ratios)
+
+
+def score_outputs(task, examples: Sequence, preds: list, ratios: list[float]) -> MethodResult:
+    """A method's result from its predictions and per-instance FLOPs ratios on ``examples``."""
+    scores = task.score(preds, list(examples))
     groups: dict[str, list[float]] = defaultdict(list)
-    for example, s in zip(data.examples, scores):
+    for example, s in zip(examples, scores):
         if getattr(example, "group", None) is not None:
             groups[example.group].append(s)
     return MethodResult(
@@ -102,6 +113,33 @@ def greedy_static_search(ex: Executor, task, data: EvalData, min_flops_ratio: fl
     return path
 
 
+def influence_static_path(ex: Executor, data: EvalData, min_flops_ratio: float = 0.0, batch_size: int = 16) -> list[dict]:
+    """ShortGPT-style static pruning: drop sub-layers in order of their block influence on ``data`` (lowest
+    first). One pass measures the influence and one runs the full model for its output lengths; each plan's FLOPs
+    ratio on the path is analytic at those lengths (``quality`` None: only the plans finally chosen are run).
+    For models where the greedy search's quadratic number of evaluations is out of reach."""
+    space, rt = ex.space, ex.runtime
+    influence, lengths, steps = [], [], []
+    for _, rows in data.batches(batch_size):
+        obs = ex.observe(rows)
+        with torch.inference_mode():
+            influence.append(rt.sublayer_influence(obs).sum(0))
+        out = planned(full_model(space))(ex, obs)
+        lengths.append(obs.lengths.cpu())
+        steps.append(out.steps)
+    order = torch.stack(influence).sum(0).argsort().tolist()
+    lengths, steps = torch.cat(lengths), None if steps[0] is None else torch.cat(steps)
+    bits = torch.ones(space.n_bits, dtype=torch.bool)
+    path = [{"bits": bits.clone(), "flops_ratio": 1.0, "quality": None}]
+    for j in order:
+        if path[-1]["flops_ratio"] <= min_flops_ratio:
+            break
+        bits[j] = False
+        executed, full = rt.flops(Plan(space, bits.expand(len(lengths), -1).clone()), lengths, steps=steps)
+        path.append({"bits": bits.clone(), "flops_ratio": float((executed / full).mean()), "quality": None})
+    return path
+
+
 def static_at(path: list[dict], flops_ratio: float) -> tuple[dict, dict]:
     """From a greedy path, the first static plan at or under ``flops_ratio`` and the one step before it (at
     least as costly): the static plans on both sides of a method's FLOPs."""
@@ -109,112 +147,75 @@ def static_at(path: list[dict], flops_ratio: float) -> tuple[dict, dict]:
     return path[i], path[max(i - 1, 0)]
 
 
-def latency_ratio(ex: Executor, data: EvalData, method: Method, batch_size: int, repeats: int = 3) -> float:
-    """Measured wall-clock of ``method`` over the full model on the same batches (observation and decisions
+def latency_ratio(
+    ex: Executor, data: EvalData, method: Method, batch_size: int, repeats: int = 3, plan_aware: bool = False
+) -> float:
+    """Measured wall-clock of ``method`` over the full model on the same instances (observation and decisions
     included). Warm-up excluded; repeats alternate between the two so machine drift hits both alike; medians.
+
+    The full model runs in consecutive batches of ``batch_size`` (FIFO). So does ``method``, unless
+    ``plan_aware``: then a planned method's instances (:func:`rlskip.methods.planned`) are observed and decided
+    in pools of :data:`rlskip.batching.POOL_BATCHES` batches and executed in plan-aware batches of at most
+    ``batch_size`` (:mod:`rlskip.batching`), as inference does; a method without plans (early exit) runs FIFO.
     """
     full = planned(full_model(ex.space))
+    source = getattr(method, "source", None) if plan_aware else None
     batches = [rows for _, rows in data.batches(batch_size)]
+    pools = [rows for _, rows in data.batches(batch_size * POOL_BATCHES)]
 
-    def timed(m: Method) -> float:
-        t0 = time.perf_counter()
+    def fifo(m: Method) -> None:
         for rows in batches:
             m(ex, ex.observe(rows))
+
+    def pooled() -> None:
+        for rows in pools:
+            obs = ex.observe(rows)
+            plan, cost = source(obs)
+            run_pool(ex, obs, plan, cost, batch_size, plan_aware=True)
+
+    def timed(fn, *args) -> float:
+        t0 = time.perf_counter()
+        fn(*args)
         return time.perf_counter() - t0
 
-    timed(full), timed(method)  # warm-up
+    run = (pooled,) if source is not None else (fifo, method)
+    timed(fifo, full), timed(*run)  # warm-up
     t_full, t_method = [], []
     for _ in range(repeats):
-        t_full.append(timed(full))
-        t_method.append(timed(method))
+        t_full.append(timed(fifo, full))
+        t_method.append(timed(*run))
     return statistics.median(t_method) / statistics.median(t_full)
-
-
-# ---- threshold calibration ---------------------------------------------------------------------------
-# keep thresholds tried by calibration: 0.5 and then 1.4x apart down to 1e-9. A policy trained long enough
-# has saturated logits, and its cheapest safe threshold can lie far below 0.001; the sigmoid of any logit the
-# policy produces in practice lies above the bottom, which keeps nearly everything.
-THRESHOLDS = tuple(float(f"{0.5 / 1.4**k:.3g}") for k in range(60))
-
-
-def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], confidence: float) -> float:
-    """One-sided upper confidence bound on the mean per-instance quality drop ``quality_full - quality``.
-
-    Qualities lie in [0, 1], so the positive parts of the drops lie in [0, 1]; their sum ``k`` over ``n``
-    instances is bounded like a count of failures, by the Clopper-Pearson bound ``Beta(confidence; k + 1,
-    n - k)`` (exact for 0/1 outcomes such as exact match or accuracy; for graded quality such as ROUGE it
-    treats the summed drops as a count, and Bernoulli outcomes are the most spread out [0, 1] values of a
-    given mean). The returned bound is the mean drop plus that bound's margin over the mean positive part,
-    so instances the policy gets right where the full model fails still count for it. Unlike a normal
-    approximation, it stays honest when failures are rare: 1 failure in 512 instances bounds the rate at
-    0.76% at confidence 0.9, not 0.45%.
-    """
-    from scipy.stats import beta
-
-    if not 0.5 <= confidence < 1.0:
-        raise ValueError(f"calibration confidence must be in [0.5, 1), got {confidence}")
-    d = torch.tensor(quality_full, dtype=torch.float64) - torch.tensor(quality, dtype=torch.float64)
-    n = d.numel()
-    if n == 0:
-        raise ValueError("calibration needs at least one instance")
-    pos = d.clamp(0.0, 1.0)
-    k = float(pos.sum())
-    upper = 1.0 if k >= n else float(beta.ppf(confidence, k + 1.0, n - k))
-    return float(d.mean()) + upper - float(pos.mean())
-
-
-def calibrate_threshold(
-    ex: Executor, task, data: EvalData, policy, constraint, thresholds: Sequence[float] = THRESHOLDS,
-    budget: float | None = None, confidence: float = 0.95,
-) -> tuple[float, list[dict]]:
-    """The decision threshold at which the policy's deterministic plans satisfy the run's constraint.
-
-    Training optimises sampled plans; deployment uses ``keep where sigmoid(logit) >= threshold``. Lower
-    thresholds keep more. On calibration examples (held out from training, and not the evaluation set) this
-    returns the cheapest threshold whose outcome satisfies ``constraint`` with the quality drop taken at its
-    one-sided upper confidence bound (:func:`drop_upper_bound` at ``confidence``): a threshold that only just
-    passes on the calibration sample would fail on new data about half the time. For a budget constraint, the
-    most conservative threshold within the budget. If none qualifies, the most conservative threshold. A
-    budget-conditioned policy is calibrated at ``budget``. Returns ``(threshold, table)``.
-    """
-    full = run_method(ex, task, data, planned(full_model(ex.space)))
-    order = sorted(thresholds, reverse=not isinstance(constraint, Budget))  # search direction: see docstring
-    table = []
-    for t in order:
-        r = run_method(ex, task, data, planned(policy_plans(policy, ex.space, t, budget)))
-        drop_ucb = drop_upper_bound(full.per_item, r.per_item, confidence)
-        # the handlers judge quality through the drop quality_full - quality: hand them a pair in [0, 1]
-        # whose drop is the bound (|bound| <= 1)
-        q, qf = max(0.0, -drop_ucb), max(0.0, drop_ucb)
-        ok = bool(constraint.satisfied(np.array([q]), np.array([qf]), np.array([r.flops_ratio]))[0])
-        table.append({
-            "threshold": t, "quality": r.quality, "quality_full": full.quality, "drop_upper_bound": drop_ucb,
-            "flops_ratio": r.flops_ratio, "satisfied": ok,
-        })
-        if ok:
-            return t, table
-    return min(thresholds), table
 
 
 # ---- the summary of a training run ---------------------------------------------------------------------
 def final_evaluation(
     ex: Executor, task, eval_data: EvalData, search_data: EvalData, policy_method: Method, latency_instances: int,
-    latency_batch: int,
+    latency_batch: int, static_search: str = "greedy",
 ) -> dict:
     """The policy against the full model on held-out data, the best static plans found on ``search_data`` at
-    and just above the policy's FLOPs, and the measured latency ratio (batched and at batch 1)."""
+    and just above the policy's FLOPs, and the measured latency ratio: batched with plan-aware batching
+    (``latency_ratio``) and FIFO batches (``latency_ratio_fifo``), and at batch 1."""
     full = run_method(ex, task, eval_data, planned(full_model(ex.space)))
     pol = run_method(ex, task, eval_data, policy_method)
-    path = greedy_static_search(ex, task, search_data, min_flops_ratio=pol.flops_ratio)
+    if static_search == "influence":
+        path = influence_static_path(ex, search_data, min_flops_ratio=pol.flops_ratio)
+    else:
+        path = greedy_static_search(ex, task, search_data, min_flops_ratio=pol.flops_ratio)
     equal, above = static_at(path, pol.flops_ratio)
     static = run_method(ex, task, eval_data, planned(static_plan(ex.space, equal["bits"])))
     static_above = run_method(ex, task, eval_data, planned(static_plan(ex.space, above["bits"])))
     lat = eval_data.head(latency_instances)
+    main = current().main  # latency is measured by one process (rank 0), with the others idle
+
+    def measured(*args, **kwargs) -> float | None:
+        return latency_ratio(*args, **kwargs) if main else None
+
     return {
         "task": task.name, "metric": task.metric, "n_eval": len(eval_data),
         "quality_full": full.quality, "quality": pol.quality, "flops_ratio": pol.flops_ratio,
-        "latency_ratio": latency_ratio(ex, lat, policy_method, latency_batch),
-        "latency_ratio_b1": latency_ratio(ex, lat.head(max(8, latency_instances // 4)), policy_method, 1),
+        "latency_ratio": measured(ex, lat, policy_method, latency_batch, plan_aware=True),
+        "latency_ratio_fifo": measured(ex, lat, policy_method, latency_batch),
+        "latency_ratio_b1": measured(ex, lat.head(max(8, latency_instances // 4)), policy_method, 1),
         "static_quality_at_equal_flops": static.quality, "static_flops_ratio": static.flops_ratio,
         "static_quality_next_above": static_above.quality, "static_flops_ratio_next_above": static_above.flops_ratio,
         "static_skipped": [ex.space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()],

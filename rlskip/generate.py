@@ -9,7 +9,7 @@ Generates with a trained skip policy, each input with its own plan. Keys (Hydra 
 - ``output``: write JSON lines ``{"text", "generation", "flops_ratio"}`` there (atomically) instead of printing;
 - ``backbone``: a local generator folder instead of the checkpoint's reference; ``threshold`` (default: the checkpoint's calibrated one, else 0.5);
   ``budget`` (budget-conditioned policies); ``max_new_tokens``, ``num_beams`` (default: the run's);
-  ``batch_size`` (default 16).
+  ``batch_size`` (default 16; inputs are batched by plan, ``plan_aware=false`` for consecutive batches).
 
 Printed otherwise: one line per input, the generation and its FLOPs ratio (policy included) to the full model.
 Every error is one line on stderr starting with ``error:`` and exit code 2.
@@ -32,10 +32,11 @@ def run(cfg) -> list[dict]:
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
     gen = {k: int(cfg[k]) for k in ("max_new_tokens", "num_beams") if cfg[k] is not None}
-    model = load(cfg.ckpt, name=cfg.name, backbone=cfg.backbone, threshold=cfg.threshold)
-    rows: list[dict] = []
-    for i in range(0, len(texts), cfg.batch_size):
-        rows += model.generate(texts[i : i + cfg.batch_size], budget=cfg.budget, return_details=True, **gen)
+    model = load(
+        cfg.ckpt, name=cfg.name, backbone=cfg.backbone, threshold=cfg.threshold, batch_size=cfg.batch_size,
+        plan_aware=cfg.plan_aware,
+    )
+    rows = model.generate(texts, budget=cfg.budget, return_details=True, **gen)
     return [{"text": r["text"], "generation": r["generation"], "flops_ratio": r["flops_ratio"]} for r in rows]
 
 

@@ -8,6 +8,10 @@
     m.generate(texts, return_details=True)         # -> [{"text", "generation", "flops_ratio", "skipped"}, ...]
     m.decide(texts)                                # -> Plan (what would be skipped)
 
+Inputs are decided in pools of several batches and executed in batches of at most ``batch_size`` whose plans
+agree (plan-aware batching, :mod:`rlskip.batching`); ``plan_aware=False`` runs consecutive batches instead.
+Either way each input gets what it gets alone, in input order.
+
 Decisions are deterministic: a candidate (or token) is kept where ``sigmoid(logit) >= threshold``; a higher
 threshold skips more. The default threshold is the one calibrated at the end of training when the checkpoint
 records it (``extra["threshold"]``), else 0.5. Generation settings (``max_new_tokens``, ``num_beams``), the input
@@ -28,11 +32,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlskip.backbone import load_backbone, load_tokenizer
+from rlskip.batching import POOL_BATCHES, concat_plans, merge, run_pool
 from rlskip.checkpoint import load_checkpoint, verify_backbone
 from rlskip.config import EnvConfig, generation_settings
 from rlskip.encoding import encoder_for, read_utf8_lines
 from rlskip.execute import Executed, Executor
-from rlskip.methods import policy_plans
+from rlskip.methods import budget_plans, policy_plans
 from rlskip.plan import Plan
 from rlskip.runtime import Observation, get_runtime
 
@@ -48,20 +53,33 @@ class SkipModel:
     Build it with :func:`load`. Attributes: ``model`` (the Hugging Face model), ``tokenizer``, ``policy``,
     ``runtime``, ``space``, ``threshold``, ``executor`` (its ``encoder`` cuts inputs to the run's
     ``max_source_tokens``; its ``gen_kwargs`` are the defaults of :meth:`generate`), ``kind``
-    (``"generation"`` or ``"classification"``), ``checkpoint``.
+    (``"generation"`` or ``"classification"``), ``checkpoint``, ``batch_size`` (most instances per runtime
+    call) and ``plan_aware`` (batch instances whose plans agree; False: consecutive batches).
     """
 
-    def __init__(self, model, tokenizer, policy, runtime, checkpoint, threshold: float, executor: Executor):
+    def __init__(
+        self, model, tokenizer, policy, runtime, checkpoint, threshold: float, executor: Executor, batch_size: int = 16,
+        plan_aware: bool = True, thresholds: dict[float, float] | None = None,
+    ):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.tokenizer, self.policy, self.runtime = model, tokenizer, policy, runtime
+        self.thresholds = thresholds  # a budget-conditioned policy's calibrated threshold per budget
         self.checkpoint, self.space = checkpoint, runtime.space
         self.threshold, self.executor, self.kind = float(threshold), executor, executor.task_kind
+        self.batch_size, self.plan_aware = batch_size, bool(plan_aware)
 
     # ---- inputs ---------------------------------------------------------------------------------------
     def observe(self, inputs, attention_mask: torch.Tensor | None = None) -> Observation:
         """The runtime's observation of texts (tokenised, cut to ``max_source_tokens``) or of an ``input_ids``
         tensor (``[batch, len]`` or ``[len]``; right-padded; the mask defaults to the non-pad positions)."""
+        return self.executor.observe(self.token_rows(inputs, attention_mask))
+
+    def token_rows(self, inputs, attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+        """The input ids of each input, as :meth:`observe` reads them (texts tokenised and cut to the run's
+        ``max_source_tokens``, with a logged notice when any was cut)."""
         if isinstance(inputs, torch.Tensor):
             ids = inputs.long()
             if ids.dim() == 1:
@@ -73,15 +91,19 @@ class SkipModel:
             rows, cut = self.executor.encoder.inputs([inputs] if isinstance(inputs, str) else list(inputs))
             if cut:
                 log.warning("%d of %d inputs were longer than %d tokens and were truncated", cut, len(rows), self.executor.encoder.max_tokens)
-        return self.executor.observe(rows)
+        return rows
 
     def source(self, budget: float | None = None):
-        """The policy's plan source (:func:`rlskip.methods.policy_plans`) at this model's threshold."""
+        """The policy's plan source at this model's threshold (:func:`rlskip.methods.policy_plans`); for a
+        budget-conditioned policy calibrated per budget, its nested plans at ``budget``
+        (:func:`rlskip.methods.budget_plans`: rounded down to the calibration grid; outside its range refused)."""
         if self.policy.budget_input:
             if budget is None:
                 raise ValueError("this policy is budget-conditioned: pass budget=<FLOPs ratio in (0, 1]>")
             if not 0.0 < float(budget) <= 1.0:
                 raise ValueError(f"budget must be a FLOPs ratio in (0, 1], got {budget}")
+            if self.thresholds:
+                return budget_plans(self.policy, self.space, self.thresholds, float(budget))
         elif budget is not None:
             raise ValueError("this policy was trained without a budget input; drop budget=")
         return policy_plans(self.policy, self.space, self.threshold, budget)
@@ -93,11 +115,22 @@ class SkipModel:
         return self.source(budget)(self.observe(inputs, attention_mask))[0]
 
     def run(self, inputs, budget: float | None = None, attention_mask: torch.Tensor | None = None, **gen_kwargs) -> Executed:
-        """Decide and execute: the executor's outputs (predictions, FLOPs, the plan) for ``inputs``."""
+        """Decide and execute: the executor's outputs (predictions, FLOPs, the plans) for ``inputs``, in input
+        order. Plan-aware: decided in pools of :data:`~rlskip.batching.POOL_BATCHES` batches, then executed in
+        batches of agreeing plans; else each batch of ``batch_size`` consecutive inputs is decided and executed."""
         source = self.source(budget)
-        obs = self.observe(inputs, attention_mask)
-        plan, cost = source(obs)
-        return self.executor.run(obs, plan, cost, **gen_kwargs)
+        rows = self.token_rows(inputs, attention_mask)
+        if not rows:
+            raise ValueError("no inputs were given")
+        pool = self.batch_size * (POOL_BATCHES if self.plan_aware else 1)
+        parts, plans = [], []
+        for start in range(0, len(rows), pool):
+            obs = self.executor.observe(rows[start : start + pool])
+            plan, cost = source(obs)
+            out = run_pool(self.executor, obs, plan, cost, self.batch_size, self.plan_aware, **gen_kwargs)
+            parts.append((list(range(start, start + obs.batch_size)), out))
+            plans.append(plan)
+        return merge(len(rows), parts, plans[0] if len(plans) == 1 else concat_plans(plans))
 
     def generate(
         self, inputs, budget: float | None = None, return_details: bool = False, attention_mask: torch.Tensor | None = None,
@@ -177,7 +210,10 @@ def _backbone_source(run_dir: Path, ref: dict, backbone: str | None) -> tuple[st
     return here(ref["name_or_path"]), here(ref.get("tokenizer") or ref["name_or_path"])
 
 
-def load(path: str | Path, name: str = "last", backbone: str | None = None, threshold: float | None = None) -> SkipModel:
+def load(
+    path: str | Path, name: str = "last", backbone: str | None = None, threshold: float | None = None, batch_size: int = 16,
+    plan_aware: bool = True,
+) -> SkipModel:
     """Load checkpoint ``name`` of run directory ``path`` with its tokenizer and generator.
 
     Args:
@@ -187,6 +223,8 @@ def load(path: str | Path, name: str = "last", backbone: str | None = None, thre
             ``name_or_path``, a hub id or a folder). Its content hash must match the checkpoint's.
         threshold: keep where ``sigmoid(logit) >= threshold``, in (0, 1). Default: the threshold calibrated at
             the end of training when the checkpoint records one (``extra["threshold"]``), else 0.5.
+        batch_size: the most instances per runtime call.
+        plan_aware: batch instances whose plans agree (:mod:`rlskip.batching`); False: consecutive batches.
 
     Raises:
         FileNotFoundError: the run directory or the checkpoint is missing.
@@ -213,11 +251,15 @@ def load(path: str | Path, name: str = "last", backbone: str | None = None, thre
     env = run_env(cfg, run_dir)
     if runtime.dims.max_positions is not None:
         env.max_source_tokens = min(env.max_source_tokens, runtime.dims.max_positions)
-    if threshold is None:
+    thresholds = None
+    if threshold is None:  # the calibrated ones: one, or one per budget for a budget-conditioned policy
         threshold = float(ckpt.extra.get("threshold", DEFAULT_THRESHOLD))
+        thresholds = {float(b): float(t) for b, t in ckpt.extra.get("thresholds", {}).items()} or None
     encoder = encoder_for(tokenizer, runtime, env, bool(cfg.get("backbone", {}).get("chat", False)))
     executor = Executor(runtime, encoder, kind, generation_settings(cfg), env.label_words)
-    return SkipModel(model, tokenizer, ckpt.build_policy(), runtime, ckpt, threshold, executor)
+    return SkipModel(
+        model, tokenizer, ckpt.build_policy(), runtime, ckpt, threshold, executor, batch_size, plan_aware, thresholds
+    )
 
 
 def read_texts(path: str | Path) -> list[str]:

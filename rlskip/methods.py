@@ -78,6 +78,34 @@ def policy_plans(policy, space: SkipSpace, threshold: float = 0.5, budget: float
     return source
 
 
+def budget_grid(low: float, high: float, step: float = 0.05) -> list[float]:
+    """The budgets a budget-conditioned policy is calibrated at: ``low`` to ``high`` in steps of ``step``."""
+    n = int(round((high - low) / step))
+    return sorted({round(low + i * step, 4) for i in range(n + 1)} | {round(high, 4)})
+
+
+def budget_plans(policy, space: SkipSpace, thresholds: dict[float, float], budget: float) -> PlanSource:
+    """A budget-conditioned policy's plans at ``budget``, nested across budgets so that a lower budget never keeps
+    a unit a higher one drops: the budget is rounded down to the calibration grid (``thresholds``: grid budget ->
+    calibrated threshold), and the plan keeps a unit only where the policy keeps it at that grid budget and at
+    every grid budget above it. Every policy evaluation is counted in the decision's FLOPs. A budget outside
+    the grid's range is refused."""
+    grid = sorted(thresholds)
+    if not grid[0] <= budget <= grid[-1] + 1e-9:
+        raise ValueError(f"budget {budget} is outside the range this policy was calibrated for, [{grid[0]}, {grid[-1]}]")
+    used = [g for g in grid if g >= max(x for x in grid if x <= budget + 1e-9)]
+    sources = [policy_plans(policy, space, thresholds[g], g) for g in used]
+
+    def source(obs: Observation):
+        plans = [s(obs) for s in sources]
+        bits = torch.stack([p.bits for p, _ in plans]).all(0)
+        tokens = [p.token_keep for p, _ in plans]
+        keep = None if tokens[0] is None else torch.stack(tokens).all(0)
+        return Plan(space, bits, keep), sum(cost for _, cost in plans)
+
+    return source
+
+
 def every_other_layer_bits(space: SkipSpace) -> torch.Tensor:
     """LayerDrop-style pruning: every sub-layer of layers 1, 3, 5, ... of each stack is skipped."""
     return torch.tensor([c.layer % 2 == 0 for c in space.skippable], dtype=torch.bool)

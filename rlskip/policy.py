@@ -193,6 +193,7 @@ class SkipPolicy(nn.Module):
         token_mask: torch.Tensor | None = None,
         budget: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Sample decisions: ``(bits [B, n_bits] bool, token_keep [B, S] bool or None, log_prob [B], entropy [B])``.
 
@@ -202,13 +203,20 @@ class SkipPolicy(nn.Module):
         Args:
             pooled, tokens, token_mask, budget: as in :meth:`forward`.
             generator: random generator for reproducible sampling.
+            noise: ``(uniforms [B, n_bits], uniforms [B, S] or None)`` in [0, 1) to decide with (keep where a
+                uniform falls below the keep probability) instead of drawing: a data-parallel rank passes its rows
+                of the whole batch's draw, so it samples exactly what one process would for those rows.
         """
         bit_logits, token_logits = self(pooled, tokens, token_mask, budget)
         with torch.no_grad():
-            bits = torch.bernoulli(torch.sigmoid(bit_logits), generator=generator).bool()
+            if noise is None:
+                noise = (torch.rand(bit_logits.shape, generator=generator, device=bit_logits.device), None)
+                if token_logits is not None:
+                    noise = (noise[0], torch.rand(token_logits.shape, generator=generator, device=token_logits.device))
+            bits = noise[0].to(bit_logits.device) < torch.sigmoid(bit_logits)
             token_keep = None
             if token_logits is not None:
-                token_keep = torch.bernoulli(torch.sigmoid(token_logits), generator=generator).bool()
+                token_keep = noise[1].to(token_logits.device) < torch.sigmoid(token_logits)
                 if token_mask is not None:
                     token_keep |= ~token_mask
         log_prob, entropy = self._score(bit_logits, token_logits, bits, token_keep, token_mask)

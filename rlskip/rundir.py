@@ -31,10 +31,15 @@ class RunDir:
     Args:
         path: the directory.
         fresh: a new run: the directory must not exist or be empty; it is created.
+        writer: this process writes the run (rank 0 of a data-parallel job); the other ranks only read it, and
+            neither create, lock nor clean it.
     """
 
-    def __init__(self, path: Path, fresh: bool) -> None:
+    def __init__(self, path: Path, fresh: bool, writer: bool = True) -> None:
         self.path, self.fresh, self._started, self._fd, self._created = Path(path), fresh, not fresh, None, False
+        self.writer = writer
+        if not writer:
+            return
         if fresh:
             if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
                 raise ValueError(
@@ -46,6 +51,8 @@ class RunDir:
             raise FileNotFoundError(f"run directory not found: {self.path}")
 
     def __enter__(self) -> "RunDir":
+        if not self.writer:
+            return self
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -65,6 +72,8 @@ class RunDir:
         self._started = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.writer:
+            return
         if exc_type is not None and not self._started:
             for p in self.path.iterdir():
                 if p.name != LOCK_FILE:

@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlskip.config import TrainConfig, compose, generation_settings
+from rlskip.distributed import Dist, barrier, setup, teardown
 from rlskip.rundir import RunDir, default_run_dir
 
 log = logging.getLogger("rlskip.train")
@@ -53,27 +54,40 @@ def load_resumed_config(run_dir: str, overrides: list[str]) -> tuple[DictConfig,
     return cfg, path
 
 
+def check_world(cfg: DictConfig, dist: Dist) -> None:
+    """The global batch (``agent.n_envs``) must split evenly over the ranks, in whole groups of plans."""
+    group = cfg.agent.get("group_size", 1)
+    if cfg.agent.n_envs % (dist.world * group):
+        raise ValueError(
+            f"agent.n_envs={cfg.agent.n_envs} (the global batch) must split into {dist.world} ranks of whole groups of "
+            f"agent.group_size={group}"
+        )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def run(cfg: DictConfig, rd: RunDir, resuming: bool = False) -> dict:
-    """Train, calibrate, select and evaluate in the locked run directory ``rd``; returns the summary."""
+def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None = None) -> dict:
+    """Train, calibrate, select and evaluate in the run directory ``rd`` (locked by rank 0, the one process of a
+    data-parallel job that writes); returns the summary."""
     from rlskip.agents.generator import SYNTHETIC_SMALL, backbone_reference, load_generator, load_generator_weights, warm_up
     from rlskip.agents.trainer import (
-        adopt_generator, policy_confidence, policy_dir, policy_seed, resume_point, select_policy, train_policy,
+        adopt_generator, budget_range, policy_confidence, policy_dir, policy_seed, resume_point, select_policy, train_policy,
     )
     from rlskip.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
     from rlskip.encoding import encoder_for
     from rlskip.envs import SkipVecEnv
     from rlskip.envs.data import build_task, load_examples, split_calibration, with_task_defaults
-    from rlskip.evaluation import EvalData, calibrate_threshold, final_evaluation
+    from rlskip.calibration import calibrate_budgets, calibrate_threshold
+    from rlskip.evaluation import EvalData, final_evaluation
     from rlskip.execute import Executor
-    from rlskip.methods import planned, policy_plans
+    from rlskip.methods import budget_grid, budget_plans, planned, policy_plans
     from rlskip.runtime import get_runtime
 
+    dist = dist or Dist()
     run_dir = rd.path
     seed_everything(cfg.seed)
 
@@ -92,12 +106,17 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False) -> dict:
     # the generator, built or loaded; the config, with what the task decides for it, is saved; a warm-up
     seconds, t = {"backbone": 0.0, "policy": 0.0, "calibration": 0.0}, time.perf_counter()
     tokenizer, model = load_generator(cfg, task, run_dir, resuming)
+    model.to(dist.device)
     rt = get_runtime(model)
     cfg = with_task_defaults(cfg, task, rt)
-    if not resuming:
+    if not resuming and dist.main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     encoder = encoder_for(tokenizer, rt, cfg.env, cfg.backbone.chat, task.pair_truncation)
-    warm_up(cfg, model, tokenizer, encoder, run_dir, train_ex)
+    if dist.main:
+        warm_up(cfg, model, tokenizer, encoder, run_dir, train_ex)
+    barrier(dist)
+    if not dist.main and (run_dir / "generator").is_dir():  # the generator rank 0 built or warmed up
+        load_generator_weights(cfg, task, model, run_dir / "generator", None)
     rd.started()  # from here on a failure leaves a run that resume= continues
     seconds["backbone"] = time.perf_counter() - t
     ex = Executor(rt, encoder, task.kind, generation_settings(cfg), cfg.env.label_words)
@@ -109,32 +128,44 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False) -> dict:
     joint = cfg.generator.mode == "joint"  # each policy tunes its own copy of the generator, from the same start
     start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if joint else None
     frozen_ref = backbone_reference(cfg, run_dir / "generator", model, rt)
+    budgets = budget_range(cfg)  # a budget-conditioned run draws each instance's budget from this range
     trained, rows = [], []
     for c in range(n):
         cdir = policy_dir(cfg, run_dir, c)
-        cdir.mkdir(parents=True, exist_ok=True)
+        if dist.main:
+            cdir.mkdir(parents=True, exist_ok=True)
         if joint:  # from the start, or as the policy's last checkpoint left it
             last = resume_point(cdir)
             load_generator_weights(cfg, task, model, None if last is None else Path(last.backbone_ref["name_or_path"]), start)
         if c > 0:
             seed_everything(policy_seed(cfg.seed, c))
         env = SkipVecEnv(
-            model, tokenizer, task, train_ex, num_envs=cfg.agent.n_envs, max_source_tokens=cfg.env.max_source_tokens,
+            model, tokenizer, task, train_ex, num_envs=cfg.agent.n_envs // dist.world, max_source_tokens=cfg.env.max_source_tokens,
             gen_kwargs=generation_settings(cfg), seed=policy_seed(cfg.seed, c), group_size=cfg.agent.get("group_size", 1),
-            margin=cfg.env.margin, fidelity=cfg.env.fidelity, prompt=encoder.prompt,
+            margin=cfg.env.margin, fidelity=cfg.env.fidelity, prompt=encoder.prompt, shard=(dist.rank, dist.world),
+            **({"budget": budgets, "budget_in_obs": True} if budgets else {}),
         )
         t = time.perf_counter()
-        learner, ref, stats = train_policy(cfg, c, cdir, env, frozen_ref, latency_data, tokenizer)
+        learner, ref, stats = train_policy(cfg, c, cdir, env, frozen_ref, latency_data, tokenizer, dist)
         seconds["policy"] += time.perf_counter() - t
         t = time.perf_counter()
-        threshold, table = calibrate_threshold(
-            ex, task, calib_data, learner.policy, learner.constraint, confidence=policy_confidence(cfg)
-        )
+        extra = load_checkpoint(cdir, "last").extra
+        if budgets:  # one threshold per budget of a grid; the run's own budget is the default operating point
+            grid, table = calibrate_budgets(ex, task, calib_data, learner.policy, budget_grid(*budgets), confidence=policy_confidence(cfg))
+            at = max(g for g in grid if g <= cfg.constraint.budget + 1e-9)
+            threshold, extra["thresholds"] = grid[at], {f"{g:g}": th for g, th in grid.items()}
+            chosen = next(r for r in table if r["budget"] == at)
+        else:
+            threshold, table = calibrate_threshold(
+                ex, task, calib_data, learner.policy, learner.constraint, confidence=policy_confidence(cfg)
+            )
+            chosen = next(r for r in table if r["threshold"] == threshold)
         seconds["calibration"] += time.perf_counter() - t
-        extra = {**load_checkpoint(cdir, "last").extra, "threshold": threshold}
-        save_checkpoint(cdir, learner.policy, rt.space, ref, learner.iteration, extra=extra, name="last")
+        extra["threshold"] = threshold
+        if dist.main:
+            save_checkpoint(cdir, learner.policy, rt.space, ref, learner.iteration, extra=extra, name="last")
         trained.append((learner.policy, ref, threshold, table, extra))
-        rows.append({"policy": c, "seed": policy_seed(cfg.seed, c), **next(r for r in table if r["threshold"] == threshold)})
+        rows.append({"policy": c, "seed": policy_seed(cfg.seed, c), **chosen})
 
     # keep the policy whose calibrated plans do best under the constraint; its files become the run's
     k = select_policy(learner.constraint, rows)
@@ -142,7 +173,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False) -> dict:
     cdir = policy_dir(cfg, run_dir, k)
     if joint:  # the generator the kept policy was tuned with
         load_generator_weights(cfg, task, model, Path(ref["name_or_path"]), start)
-    if n > 1:
+    if n > 1 and dist.main:
         log.info("kept policy %d of %d: %s", k, n,
                  ", ".join(f"{r['policy']}: FLOPs {r['flops_ratio']:.3f} drop bound {r['drop_upper_bound']:.4f}" for r in rows))
         for name, ckpt in (("best", load_checkpoint(cdir, "best")), ("last", load_checkpoint(cdir, "last"))):
@@ -150,22 +181,26 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False) -> dict:
                 run_dir, ckpt.build_policy(), rt.space, adopt_generator(ckpt.backbone_ref, run_dir), ckpt.step,
                 extra={**ckpt.extra, "kept_policy": k}, name=name,
             )
-    if "ppo" in extra["files"]:  # SB3's zip of the kept policy, under the name PPO.load users expect
+    if "ppo" in extra["files"] and dist.main:  # SB3's zip of the kept policy, under the name PPO.load users expect
         atomic_write_bytes(run_dir / "ppo.zip", (cdir / extra["files"]["ppo"]).read_bytes())
 
     # the summary: held-out evaluation against the full model and the best static plan
     t = time.perf_counter()
     search_data = EvalData.encode(ex, train_ex[: cfg.eval.static_search_instances])
+    if budgets:  # at the run's own budget
+        method = planned(budget_plans(policy, rt.space, {float(g): th for g, th in extra["thresholds"].items()}, cfg.constraint.budget))
+    else:
+        method = planned(policy_plans(policy, rt.space, threshold))
     summary = final_evaluation(
-        ex, task, eval_data, search_data, planned(policy_plans(policy, rt.space, threshold)), cfg.eval.latency_instances,
-        cfg.eval.latency_batch,
+        ex, task, eval_data, search_data, method, cfg.eval.latency_instances, cfg.eval.latency_batch, cfg.eval.static_search,
     )
     seconds["evaluation"] = time.perf_counter() - t
     summary.update(
         run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), data_split=data_split,
         calibration_confidence=policy_confidence(cfg), kept_policy=k, policies=rows, seconds=seconds,
     )
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    if dist.main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -179,11 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = compose(argv)
             run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.env.name, cfg.agent.name)
-        with RunDir(run_dir, fresh=not resume) as rd:
-            summary = run(cfg, rd, resuming=bool(resume))
+        dist = setup(cfg.device, cfg.dist_timeout_s)
+        check_world(cfg, dist)
+        with RunDir(run_dir, fresh=not resume, writer=dist.main) as rd:
+            summary = run(cfg, rd, resuming=bool(resume), dist=dist)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (torch.distributed.DistBackendError, RuntimeError) as e:
+        if not torch.distributed.is_initialized():
+            raise
+        # a peer rank died or stalled: this rank's collective failed or timed out
+        print(f"error: a data-parallel peer process stopped or stalled ({str(e).splitlines()[0][:200]})", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
     print(json.dumps({k: v for k, v in summary.items() if k != "quality_by_group"}, indent=1))
     return 0
 

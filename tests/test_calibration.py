@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from scipy.stats import binomtest
 
-from rlskip import evaluation
+from rlskip import calibration
+from rlskip.calibration import calibrate_threshold, drop_upper_bound
 from rlskip.config import compose
 from rlskip.constraints import Lexicographic
-from rlskip.evaluation import MethodResult, calibrate_threshold, drop_upper_bound
+from rlskip.evaluation import MethodResult
 from rlskip.envs.data import split_calibration
 
 
@@ -39,9 +40,18 @@ def test_instances_the_policy_fixes_count_for_it():
     assert fixed == pytest.approx(base - 0.01)
 
 
-def test_graded_quality_and_bad_confidence():
-    b = drop_upper_bound([0.5, 0.4, 0.6], [0.5, 0.3, 0.6], 0.9)
-    assert 0.1 / 3 < b < 1.0
+def test_graded_quality_gets_the_paired_t_bound_and_bad_confidence_is_refused():
+    from scipy.stats import ttest_1samp
+
+    rng = __import__("random").Random(0)
+    full = [rng.uniform(0.1, 0.5) for _ in range(200)]
+    pol = [f - rng.gauss(0.004, 0.05) for f in full]
+    b = drop_upper_bound(full, pol, 0.95)
+    drops = [f - p for f, p in zip(full, pol)]
+    mean = sum(drops) / len(drops)
+    # scipy's one-sided test: at the bound, "mean drop < bound" is rejected at exactly 5%
+    assert ttest_1samp(drops, b, alternative="less").pvalue == pytest.approx(0.05, rel=1e-6)
+    assert mean < b < mean + 0.02 and drop_upper_bound(full, pol, 0.5) == pytest.approx(mean)
     for bad in (0.4, 1.0):
         with pytest.raises(ValueError, match=r"confidence must be in \[0.5, 1\)"):
             drop_upper_bound([1.0], [1.0], bad)
@@ -59,12 +69,17 @@ def test_calibration_picks_the_cheapest_threshold_whose_bound_holds(monkeypatch)
         per = [0.0] * k + [1.0] * (n - k)
         return MethodResult(quality=sum(per) / n, flops_ratio=f, per_item=per, per_item_flops_ratio=[f] * n, predictions=[])
 
-    monkeypatch.setattr(evaluation, "planned", lambda source: source)
-    monkeypatch.setattr(evaluation, "full_model", lambda space: "full")
-    monkeypatch.setattr(evaluation, "policy_plans", lambda policy, space, t, budget=None: t)
-    monkeypatch.setattr(
-        evaluation, "run_method", lambda ex, task, data, method: result(0, 1.0) if method == "full" else result(fails[method], flops[method])
-    )
+    monkeypatch.setattr(calibration, "full_model", lambda space: "full")
+    monkeypatch.setattr(calibration, "policy_plans", lambda policy, space, t, budget=None: t)
+
+    class Runner:  # each threshold's outcome as given above, without a model
+        def __init__(self, ex, task, data):
+            pass
+
+        def __call__(self, source):
+            return result(0, 1.0) if source == "full" else result(fails[source], flops[source])
+
+    monkeypatch.setattr(calibration, "PlanRunner", Runner)
 
     class Ex:
         space = None
@@ -91,3 +106,31 @@ def test_calibration_instances_are_held_out_of_training():
 def test_calibration_confidence_is_validated_at_compose():
     with pytest.raises(ValueError, match=r"eval.calibration_confidence=1.0, expected a value in \[0.5, 1\)"):
         compose(["eval.calibration_confidence=1.0"])
+
+
+def test_plan_runner_observes_once_and_runs_each_distinct_set_of_plans_once(tiny_bart, bart_tokenizer):
+    from rlskip.calibration import PlanRunner
+    from rlskip.encoding import Encoder
+    from rlskip.evaluation import EvalData
+    from rlskip.execute import Executor
+    from rlskip.methods import full_model, static_plan
+    from rlskip.runtime import get_runtime
+
+    import torch
+
+    class Task:
+        def score(self, preds, examples):
+            return [float(len(p) > 0) for p in preds]
+
+    ex = Executor(get_runtime(tiny_bart), Encoder(bart_tokenizer, 32), "generation", {"max_new_tokens": 4})
+    runs = []
+    run_once = ex.run
+    ex.run = lambda *a, **k: runs.append(1) or run_once(*a, **k)
+    data = EvalData.encode(ex, ["a first input", "and a second one", "third"])
+    runner = PlanRunner(ex, Task(), data, batch_size=2)
+    full = runner(full_model(ex.space))
+    assert runner(full_model(ex.space)) is full and len(runs) == 2  # two batches, executed once
+    skip = torch.ones(ex.space.n_bits, dtype=torch.bool)
+    skip[0] = False
+    other = runner(static_plan(ex.space, skip))
+    assert len(runs) == 4 and other.flops_ratio < full.flops_ratio

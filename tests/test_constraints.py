@@ -18,7 +18,7 @@ def test_registry_and_factory():
     assert make_constraint("budget", budget=0.5).budget == 0.5
     with pytest.raises(ValueError, match=r"unknown constraint 'lexicografic'; expected one of \['budget', 'fixed'"):
         make_constraint("lexicografic")
-    with pytest.raises(ValueError, match=r"'budget' got unexpected argument\(s\) \['max_quality_drop'\]; it accepts \['budget'\]"):
+    with pytest.raises(ValueError, match=r"'budget' got unexpected argument\(s\) \['max_quality_drop'\]; it accepts \['budget', 'budget_range'\]"):
         make_constraint("budget", budget=0.5, max_quality_drop=0.01)
     with pytest.raises(ValueError, match=r"'fixed' needs argument\(s\) \['lam'\]"):
         make_constraint("fixed")

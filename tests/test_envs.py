@@ -71,6 +71,7 @@ def random_actions(env, n, seed) -> np.ndarray:
 
 def test_gymnasium_and_sb3_check_env_pass(model, tokenizer, task, examples):
     env = make_env(model, tokenizer, task, examples, budget=(0.3, 0.9), budget_in_obs=True, seed=0)
+    env.precompute_full()  # both of the checkers' steps of an instance then run the same rows (see test_envs_real_data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gym_check_env(env, skip_render_check=True)

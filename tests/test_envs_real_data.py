@@ -72,6 +72,10 @@ def build(env_cls, name: str, task_kwargs: dict, relative: str, tokenizer, **kw)
 @pytest.mark.parametrize("name, task_kwargs, relative", TASKS, ids=IDS)
 def test_check_env_on_real_data(name, task_kwargs, relative, bart_tokenizer):
     env = build(SkipEnv, name, task_kwargs, relative, bart_tokenizer, seed=0, budget_in_obs=True)
+    # the checkers step one instance twice and want the same reward: with the full model's output cached from the
+    # start, both steps run the same rows (a missing one rides along in the first, and batch composition moves
+    # the last float bits, which can flip a near-tie token of a random model)
+    env.precompute_full()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gym_check_env(env, skip_render_check=True)

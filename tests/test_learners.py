@@ -17,7 +17,9 @@ from toy_env import D, ToyVecEnv, is_easy
 
 CONSTRAINTS = {
     "lexicographic": dict(max_quality_drop=0.01),
-    "lagrangian": dict(max_quality_drop=0.05, lam_init=1.0, lr=0.5),
+    # the multiplier starts above the toy's exchange rate: from 1.0, cutting a needed unit pays until dual ascent
+    # catches up, and 125 iterations ended anywhere between -0.2 and +0.1 of the objective (6 seeds)
+    "lagrangian": dict(max_quality_drop=0.05, lam_init=2.0, lr=0.5),
     "fixed": dict(lam=0.5),
     "budget": dict(budget=0.6),
 }
@@ -48,21 +50,24 @@ def _native(constraint, tmp_path, seed=0, baseline="value"):
     config = ReinforceConfig(
         lr=3e-3, entropy_coef=b["entropy_coef"], normalize_advantage=b["normalize_advantage"], self_critical=b.get("self_critical", False)
     )
-    return Reinforce(env, policy, constraint, configure(str(tmp_path), ["csv"]), config)
+    return Reinforce(env, policy, constraint, configure(str(tmp_path), ["csv"]), config, seed=seed)
 
 
 @pytest.mark.parametrize("baseline", sorted(BASELINES))
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
 def test_native_learner_improves_each_constraint_objective(name, baseline, tmp_path):
-    learner = _native(make_constraint(name, **CONSTRAINTS[name]), tmp_path, baseline=baseline)
-    assert (learner.value is None) == (BASELINES[baseline]["group_size"] > 1)
-    first = [learner.train_iteration() for _ in range(5)]
-    for _ in range(120):
-        learner.train_iteration()
-    last = [learner.train_iteration() for _ in range(5)]
-    before = np.mean([_objective(name, s) for s in first])
-    after = np.mean([_objective(name, s) for s in last])
-    assert after > before + 0.05, (name, before, after)
+    """Averaged over two seeds, so one short run's wander does not decide it."""
+    before, after = [], []
+    for seed in (0, 1):
+        learner = _native(make_constraint(name, **CONSTRAINTS[name]), tmp_path, seed=seed, baseline=baseline)
+        assert (learner.value is None) == (BASELINES[baseline]["group_size"] > 1)
+        first = [learner.train_iteration() for _ in range(5)]
+        for _ in range(120):
+            learner.train_iteration()
+        last = [learner.train_iteration() for _ in range(5)]
+        before.append(np.mean([_objective(name, s) for s in first]))
+        after.append(np.mean([_objective(name, s) for s in last]))
+    assert np.mean(after) > np.mean(before) + 0.05, (name, before, after)
 
 
 def _deterministic(learner, n_batches=4):

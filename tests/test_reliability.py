@@ -73,9 +73,14 @@ def test_joint_mode_survives_kill_9_and_resumes_exactly(tmp_path):
 
 
 def test_a_locked_run_directory_refuses_a_second_process_at_once(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from rlskip.config import compose
+
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("env: {}\neval: {}\n")
+    saved = OmegaConf.to_yaml(compose([]))
+    (run / "config.yaml").write_text(saved)
     holder = subprocess.Popen(
         [sys.executable, "-c", f"import time; from rlskip.rundir import RunDir\nwith RunDir({str(run)!r}, fresh=False):\n"
          "    print('locked', flush=True); time.sleep(60)"],
@@ -90,7 +95,7 @@ def test_a_locked_run_directory_refuses_a_second_process_at_once(tmp_path, capsy
     finally:
         holder.kill()
         holder.wait()
-    assert (run / "config.yaml").read_text() == "env: {}\neval: {}\n"  # nothing lost
+    assert (run / "config.yaml").read_text() == saved  # nothing lost
 
 
 def test_bad_values_fail_fast_and_failed_starts_leave_nothing(tmp_path, capsys):

@@ -179,3 +179,36 @@ def test_early_exit_refuses_mixed_attention_windows():
     rt = get_runtime(case.model)
     with pytest.raises(ValueError, match="same attention window in every layer"):
         rt.exit_stack(rt.observe(*case.inputs()), 32)
+
+
+def test_block_influence_orders_a_static_pruning_path():
+    """ShortGPT's block influence: one value per skippable sub-layer, in [0, 2]; the path drops them in that
+    order, every step cheaper than the last."""
+    from rlskip.encoding import Encoder
+    from rlskip.evaluation import EvalData, influence_static_path
+    from rlskip.execute import Executor
+    from rlskip.prompts import PromptFormat
+
+    case = CASES["llama-tiny"]
+    rt = get_runtime(case.model)
+    ids, mask = case.inputs()
+    obs = rt.observe(ids, mask)
+    infl = rt.sublayer_influence(obs)
+    assert infl.shape == (ids.shape[0], rt.space.n_bits) and (infl >= 0).all() and (infl <= 2).all()
+    assert rt.sublayer_influence(obs.rows([2]))[0].allclose(infl[2], atol=1e-5)  # per instance, padding aside
+
+    class Tok:  # the tiny model's ids, as text
+        pad_token_id, eos_token_id, bos_token_id, chat_template = 0, 2, 1, None
+
+        def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+            ids = [1] * add_special_tokens + [4 + (ord(c) % 90) for c in text]
+            offsets = [(0, 0)] * add_special_tokens + [(i, i + 1) for i in range(len(text))]
+            return {"input_ids": ids, "offset_mapping": offsets}
+
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return [" ".join(map(str, r.tolist())) for r in rows]
+
+    ex = Executor(rt, Encoder(Tok(), 32, prompt=PromptFormat("{input}"), causal=True), "generation", {"max_new_tokens": 4})
+    path = influence_static_path(ex, EvalData.encode(ex, ["hello there", "a longer input text", "short"]), 0.5)
+    ratios = [p["flops_ratio"] for p in path]
+    assert ratios[0] == 1.0 and all(b < a for a, b in zip(ratios, ratios[1:])) and ratios[-1] <= 0.5 < ratios[-2]

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from rlskip.distributed import Dist, average_gradients
 from rlskip.plan import Plan
 
 
@@ -23,10 +24,12 @@ class GeneratorTuner:
             (updated in place), its encoder makes the inputs the policy sees, its instance indices name the
             examples; its cache of full-model outputs is cleared after each step (the full model changed).
         lr: the generator's learning rate.
+        dist: this process's place in a data-parallel job: gradients are averaged over the ranks, so every rank
+            keeps the same generator.
     """
 
-    def __init__(self, env, lr: float) -> None:
-        self.env = env
+    def __init__(self, env, lr: float, dist: Dist | None = None) -> None:
+        self.env, self.dist = env, dist or Dist()
         self.rt, self.encoder = env.rollout.runtime, env.rollout.executor.encoder
         self.model = self.rt.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
@@ -40,6 +43,8 @@ class GeneratorTuner:
             tk = torch.ones(ids.shape, dtype=torch.bool)
             width = min(ids.shape[1], token_keep.shape[1])
             tk[:, :width] = token_keep[:, :width].bool()
+        device = next(model.parameters()).device
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         model.train()
         try:
             obs = self.rt.observe(ids, mask, protected)
@@ -48,6 +53,7 @@ class GeneratorTuner:
                 raise ValueError(f"the generator diverged: its loss is {loss.item()}; lower generator.lr")
             self.optimizer.zero_grad()
             loss.backward()
+            average_gradients([p for p in model.parameters() if p.requires_grad], self.dist)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             self.optimizer.step()
         finally:

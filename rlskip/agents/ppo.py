@@ -23,7 +23,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from rlskip.policy import SkipPolicy
 from rlskip.agents.reinforce import ValueHead
 from rlskip.agents.base import Learner, write_named
-from rlskip.agents.tb import batch_stats, record_batch
+from rlskip.agents.tb import batch_stats, conditioned, record_batch
 
 PAD_LOGIT = 30.0  # padding token positions: "keep" with probability ~1, so no log-prob and no entropy
 
@@ -112,9 +112,12 @@ class PPOLearner(Learner):
         seed: PPO's seed.
         budget_input: whether observations carry a budget.
         generator: joint mode: a :class:`~rlskip.agents.joint.GeneratorTuner` stepped after each rollout.
+        device: where SB3 keeps the policy.
     """
 
-    def __init__(self, env, constraint, logger, agent_cfg, seed: int, budget_input: bool = False, generator=None) -> None:
+    def __init__(
+        self, env, constraint, logger, agent_cfg, seed: int, budget_input: bool = False, generator=None, device="cpu"
+    ) -> None:
         self.env, self.constraint, self.logger = env, constraint, logger
         env.constraint = constraint
         a = agent_cfg
@@ -123,7 +126,7 @@ class PPOLearner(Learner):
             SkipActorCritic, env, learning_rate=a.lr, n_steps=a.n_steps, batch_size=max(8, n // 4), n_epochs=a.n_epochs,
             gamma=0.0, gae_lambda=1.0, clip_range=a.clip_range, normalize_advantage=a.normalize_advantage, ent_coef=a.entropy_coef,
             vf_coef=a.value_coef, max_grad_norm=a.max_grad_norm, seed=seed,
-            policy_kwargs=dict(hidden=a.hidden, token_head=a.token_head, budget_input=budget_input, length_input=a.length_input), verbose=0, device="cpu",
+            policy_kwargs=dict(hidden=a.hidden, token_head=a.token_head, budget_input=budget_input, length_input=a.length_input), verbose=0, device=device,
         )
         self.model.set_logger(logger)
         self.stats_cb = _RolloutStats()
@@ -139,7 +142,7 @@ class PPOLearner(Learner):
         self.model.learn(self.model.n_steps * self.env.num_envs, callback=self.stats_cb, reset_num_timesteps=False, log_interval=None)
         infos = self.stats_cb.infos
         stats = batch_stats(infos)
-        self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"])
+        self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"], **conditioned(self.constraint, stats))
         if self.generator is not None:
             last = infos[-self.env.num_envs :]
             bits = torch.as_tensor(np.stack([i["plan_bits"] for i in last])).bool()
@@ -161,7 +164,7 @@ class PPOLearner(Learner):
         return {**super().save(folder), "ppo": write_named(Path(folder), "ppo", ".zip", buf.getvalue())}
 
     def load(self, folder: Path, files: dict[str, str]) -> None:
-        self.model = PPO.load(Path(folder) / files["ppo"], env=self.env, device="cpu")
+        self.model = PPO.load(Path(folder) / files["ppo"], env=self.env, device=self.model.device)
         self.model.set_logger(self.logger)
         super().load(folder, files)
 

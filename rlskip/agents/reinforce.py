@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from rlskip.agents.base import Learner
-from rlskip.agents.tb import batch_stats, record_batch
+from rlskip.agents.tb import batch_stats, conditioned, merge_stats, record_batch
+from rlskip.distributed import Dist, average_gradients, gather
 
 
 class ValueHead(nn.Module):
@@ -59,8 +60,8 @@ class ValueHead(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def obs_to_torch(obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in obs.items()}
+def obs_to_torch(obs: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in obs.items()}
     t["token_mask"] = t["token_mask"] > 0.5
     return t
 
@@ -88,16 +89,21 @@ class Reinforce(Learner):
             ``normalize_advantage``, ``self_critical``, ``iterations`` and ``lr_decay``).
         generator: in joint mode, a :class:`~rlskip.agents.joint.GeneratorTuner` stepped after each
             policy step to tune the generator under the sampled plans; returns its loss.
+        seed: seeds the sampling (with the iteration: see :meth:`_noise`).
+        dist: this process's place in a data-parallel job (default: one process, on the policy's device).
     """
 
-    def __init__(self, env, policy, constraint, logger, config, generator=None) -> None:
+    def __init__(self, env, policy, constraint, logger, config, generator=None, seed: int = 0, dist: Dist | None = None) -> None:
         self.env, self._policy, self.constraint, self.logger, self.cfg = env, policy, constraint, logger, config
+        self.seed, self.dist = int(seed), dist or Dist(device=next(policy.parameters()).device)
         self.env.constraint = constraint
         self.group_size = int(getattr(env, "group_size", 1))
         if config.self_critical and self.group_size < 2:
             raise ValueError("self-critical training needs an environment with group_size >= 2 (the greedy plan takes one slot of each group)")
         # a learned baseline only without groups; with them, the other plans for the same instance are it
-        self.value = ValueHead(policy.d_model, policy.init_kwargs["hidden"], policy.budget_input) if self.group_size == 1 else None
+        self.value = None
+        if self.group_size == 1:
+            self.value = ValueHead(policy.d_model, policy.init_kwargs["hidden"], policy.budget_input).to(self.dist.device)
         self._params = list(policy.parameters()) + (list(self.value.parameters()) if self.value is not None else [])
         self.optimizer = torch.optim.Adam(self._params, lr=config.lr)
         self.generator = generator
@@ -108,39 +114,53 @@ class Reinforce(Learner):
     def policy(self):
         return self._policy
 
+    def _noise(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This iteration's sampling uniforms for this rank's rows: drawn for the whole (global) batch from a
+        generator seeded by the learner's seed and the iteration, and cut by rank, so N processes sample what one
+        would, and a resumed run what an uninterrupted one does."""
+        d = self.dist
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
+        lo = d.rank * rows
+        bits = torch.rand(rows * d.world, self.policy.n_bits, generator=g)[lo : lo + rows]
+        tokens = torch.rand(rows * d.world, width, generator=g)[lo : lo + rows] if self.policy.token_head else None
+        return bits, tokens
+
     def train_iteration(self, log: bool = False, image: bool = False) -> dict[str, float]:
-        """One batch: sample plans, execute them, one gradient step. Returns the batch's scalars."""
+        """One batch: sample plans, execute them, one gradient step (averaged over the ranks of a data-parallel
+        job). Returns the (whole) batch's scalars."""
         if self._obs is None:
             self._obs = self.env.reset()
-        obs = obs_to_torch(self._obs)
+        obs = obs_to_torch(self._obs, self.dist.device)
+        n = len(obs["pooled"])
         budget = obs.get("budget")
         budget = None if budget is None else budget.view(-1)
-        bits, token_keep, logp, entropy = self.policy.sample(obs["pooled"], obs["tokens"], obs["token_mask"], budget)
+        bits, token_keep, logp, entropy = self.policy.sample(
+            obs["pooled"], obs["tokens"], obs["token_mask"], budget, noise=self._noise(n, obs["tokens"].shape[1])
+        )
         greedy = None
         if self.cfg.self_critical:
             # the first slot of each group plays the deterministic plan deployment uses: the baseline of the rest
-            greedy = torch.arange(len(bits)) % self.group_size == 0
+            greedy = torch.arange(n, device=bits.device) % self.group_size == 0
             with torch.no_grad():
                 g_bits, g_tokens = self.policy.decide(obs["pooled"], obs["tokens"], obs["token_mask"], budget)
             bits = torch.where(greedy[:, None], g_bits, bits)
             if token_keep is not None:
                 token_keep = torch.where(greedy[:, None], g_tokens, token_keep)
         keep_tokens = torch.ones_like(obs["token_mask"]) if token_keep is None else token_keep
-        action = torch.cat([bits, keep_tokens], 1).to(torch.int8).numpy()
+        action = torch.cat([bits, keep_tokens], 1).to(torch.int8).cpu().numpy()
         indices = self.env.current_indices() if self.generator is not None else None
         self._obs, rewards, _, infos = self.env.step(action)
 
-        r = torch.as_tensor(rewards, dtype=torch.float32)
+        r = torch.as_tensor(rewards, dtype=torch.float32, device=logp.device)
+        v_loss = torch.zeros((), device=logp.device)
         if self.value is not None:
             v = self.value(obs["pooled"], budget)
             adv = r - v.detach()
             v_loss = ((v - r) ** 2).mean()
         elif greedy is not None:
             adv = r - group_first(r, self.group_size)
-            v_loss = torch.zeros(())
         else:
             adv = r - leave_one_out_mean(r, self.group_size)
-            v_loss = torch.zeros(())
         sampled = slice(None) if greedy is None else ~greedy
         adv, logp_s = adv[sampled], logp[sampled]
         if self.cfg.normalize_advantage and len(adv) > 1:
@@ -151,19 +171,20 @@ class Reinforce(Learner):
         loss = pg_loss - self.cfg.entropy_coef * entropy.mean() + self.cfg.value_coef * v_loss
         self.optimizer.zero_grad()
         loss.backward()
+        average_gradients(self._params, self.dist)
         nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
         self.optimizer.step()
 
-        stats = batch_stats(infos)
-        self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"])
+        stats = merge_stats(gather(batch_stats(infos), self.dist))  # the whole batch, in rank order
+        self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"], **conditioned(self.constraint, stats))
         gen_loss = None
         if self.generator is not None:
-            gen_loss = self.generator.step(indices, bits, token_keep)
+            gen_loss = self.generator.step(indices, bits.cpu(), None if token_keep is None else token_keep.cpu())
         self.iteration += 1
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)
             if greedy is not None:
-                g = greedy.numpy()
+                g = np.concatenate(gather(greedy.cpu().numpy(), self.dist))
                 self.logger.record("quality/greedy", float(stats["quality"][g].mean()))
                 self.logger.record("cost/greedy_flops_ratio", float(stats["cost"][g].mean()))
             self.logger.record("train/policy_loss", float(pg_loss.detach()))

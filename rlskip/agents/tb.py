@@ -3,7 +3,8 @@
 The native learner and PPO record the same keys: ``reward/*``, ``quality/*`` (``quality/margin``: the batch's
 median decision margin), ``cost/flops_ratio``,
 ``constraint/*``, per-candidate ``skip_rate/<name>``, the ``skip_rate/heatmap`` image (layer x sub-layer
-kind) and ``tokens/keep_rate``; ``cost/latency_ratio`` is recorded when measured.
+kind) and ``tokens/keep_rate``; ``cost/latency_ratio`` is recorded when measured; a budget-conditioned run adds
+``budget/<low>-<high>/quality`` and ``budget/<low>-<high>/flops_ratio`` per budget bucket of 0.1.
 """
 
 from __future__ import annotations
@@ -27,7 +28,19 @@ def batch_stats(infos: list[dict]) -> dict[str, np.ndarray]:
         "bits": np.stack([np.asarray(i["plan_bits"], dtype=np.float64) for i in infos]),
         "tokens_kept": np.array([i.get("tokens_kept", np.nan) for i in infos], dtype=np.float64),
         "margin": np.array([i.get("margin", np.nan) for i in infos], dtype=np.float64),
+        "budget": np.array([i.get("budget", 1.0) for i in infos], dtype=np.float64),
     }
+
+
+def conditioned(constraint, stats: dict[str, np.ndarray]) -> dict:
+    """``{"budget": per-instance budgets}`` for a budget-conditioned handler's update (see
+    :class:`rlskip.constraints.Budget`), else ``{}``."""
+    return {"budget": stats["budget"]} if getattr(constraint, "budget_range", None) else {}
+
+
+def merge_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The stats of several shards of one batch (data-parallel ranks), concatenated in order."""
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def heatmap_image(space: SkipSpace, skip_rates: np.ndarray) -> np.ndarray:
@@ -78,6 +91,14 @@ def record_batch(logger, space: SkipSpace, stats: dict[str, np.ndarray], constra
         logger.record("quality/margin", float(np.median(margins)))  # the decision margin (see SkipRollout.margin)
     if not np.isnan(stats["tokens_kept"]).all():
         logger.record("tokens/keep_rate", float(np.nanmean(stats["tokens_kept"])))
+    budgets = stats["budget"]
+    if budgets.max() > budgets.min():  # a budget-conditioned run: how each budget bucket fares
+        edges = np.round(np.arange(0.0, 1.0 + 1e-9, 0.1), 1)
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            inside = (budgets > lo) & (budgets <= hi)
+            if inside.any():
+                logger.record(f"budget/{lo:.1f}-{hi:.1f}/quality", float(q[inside].mean()))
+                logger.record(f"budget/{lo:.1f}-{hi:.1f}/flops_ratio", float(cost[inside].mean()))
     if image:
         logger.record("skip_rate/heatmap", Image(heatmap_image(space, rates), "HWC"), exclude=("stdout", "log", "json", "csv"))
 

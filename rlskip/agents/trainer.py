@@ -20,6 +20,7 @@ from rlskip.agents.base import Learner
 from rlskip.agents.generator import save_generator
 from rlskip.checkpoint import Checkpoint, load_checkpoint, make_backbone_ref, save_checkpoint
 from rlskip.constraints import Budget, from_config
+from rlskip.distributed import Dist, gather
 from rlskip.evaluation import EvalData, latency_ratio
 from rlskip.methods import planned, policy_plans
 from rlskip.policy import SkipPolicy
@@ -64,22 +65,34 @@ def select_policy(constraint, rows: list[dict]) -> int:
     return max(range(len(rows)), key=lambda i: key(rows[i]))
 
 
-def make_learner(cfg: DictConfig, env, logger, seed: int, generator=None) -> Learner:
+def budget_range(cfg: DictConfig) -> tuple[float, float] | None:
+    """The budgets a budget-conditioned run trains for (``constraint.budget_range``), or None."""
+    r = cfg.constraint.get("budget_range") if cfg.constraint.name == "budget" else None
+    return None if r is None else (float(r[0]), float(r[1]))
+
+
+def make_learner(cfg: DictConfig, env, logger, seed: int, generator=None, dist: Dist | None = None) -> Learner:
     """The learner ``cfg.agent`` names, on ``env``, with the run's constraint (and, in joint mode, the
-    generator tuner)."""
+    generator tuner), its policy on ``dist.device``."""
+    dist = dist or Dist()
     constraint = from_config(cfg.constraint)
     if cfg.agent.name == "ppo":
         from rlskip.agents.ppo import PPOLearner
 
-        return PPOLearner(env, constraint, logger, cfg.agent, seed=seed, generator=generator)
+        if dist.active:
+            raise ValueError("agent=ppo trains in one process (Stable-Baselines3 is not data-parallel); run it without torchrun")
+        return PPOLearner(
+            env, constraint, logger, cfg.agent, seed=seed, budget_input=budget_range(cfg) is not None, generator=generator,
+            device=dist.device,
+        )
     from rlskip.agents.reinforce import Reinforce
 
     a, rt = cfg.agent, env.rollout.runtime
     policy = SkipPolicy(
         rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
-        length_input=a.length_input,
-    )
-    return Reinforce(env, policy, constraint, logger, a, generator)
+        length_input=a.length_input, budget_input=budget_range(cfg) is not None,
+    ).to(dist.device)
+    return Reinforce(env, policy, constraint, logger, a, generator, seed=seed, dist=dist)
 
 
 def resume_point(cdir: Path) -> Checkpoint | None:
@@ -124,24 +137,26 @@ def prune(cdir: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_data: EvalData, tokenizer):
+def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_data: EvalData, tokenizer, dist: Dist | None = None):
     """Train (or finish, when ``cdir`` holds its ``last`` checkpoint) policy ``c`` on ``env``.
 
     Returns ``(learner, backbone reference, stats of its last batch)``. A checkpoint is one unit: the learner's
     state (and SB3's zip), in joint mode the generator as tuned so far, then the policy, and last the manifest
     ``last.json`` naming them all with the best reward so far; a kill at any moment leaves the previous
-    checkpoint whole. ``best`` names its own generator.
+    checkpoint whole. ``best`` names its own generator. In a data-parallel job every rank trains in step and
+    rank 0 alone writes (TensorBoard, checkpoints) and measures latency.
     """
     from stable_baselines3.common.logger import Logger, configure
     from tqdm import tqdm
 
     from rlskip.agents.tb import record_text
 
+    dist = dist or Dist()
     rt, ex = env.rollout.runtime, env.rollout.executor
     last = resume_point(cdir)
     finished = last is not None and last.step >= cfg.agent.iterations
     tb = cdir / "tb"
-    if finished:
+    if finished or not dist.main:
         logger = Logger(None, [])  # finished before a stop: its TensorBoard events stay as they are
     else:
         if (tb / "progress.csv").is_file():
@@ -152,31 +167,32 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
     if cfg.generator.mode == "joint":
         from rlskip.agents.joint import GeneratorTuner
 
-        generator = GeneratorTuner(env, cfg.generator.lr)
-    learner = make_learner(cfg, env, logger, policy_seed(cfg.seed, c), generator)
+        generator = GeneratorTuner(env, cfg.generator.lr, dist)
+    learner = make_learner(cfg, env, logger, policy_seed(cfg.seed, c), generator, dist)
     best, stats = -float("inf"), {}
     if last is not None:
         learner.load(cdir, last.extra["files"])
         best = last.extra["best_reward"]
         ref = last.backbone_ref
-    else:
+    elif dist.main:
         record_text(logger, "config", OmegaConf.to_yaml(cfg, resolve=True))
     n = cfg.agent.policies
     bar = tqdm(
         total=cfg.agent.iterations, initial=learner.iteration, desc="policy" if n == 1 else f"policy {c + 1}/{n}",
-        disable=not cfg.log.progress,
+        disable=not cfg.log.progress or not dist.main,
     )
     while learner.iteration < cfg.agent.iterations:
         it = learner.iteration + 1
-        if it % cfg.log.latency_every == 0:
-            method = planned(policy_plans(learner.policy, rt.space, 0.5))
+        if it % cfg.log.latency_every == 0 and dist.main:
+            at = cfg.constraint.budget if budget_range(cfg) else None  # a conditioned policy, at the run's budget
+            method = planned(policy_plans(learner.policy, rt.space, 0.5, at))
             logger.record("cost/latency_ratio", latency_ratio(ex, latency_data, method, cfg.eval.latency_batch, repeats=1))
         final = it == cfg.agent.iterations
         stats = learner.train_iteration(log=final or it % cfg.log.every == 0, image=final or it % (cfg.log.every * 10) == 0)
         learner.check_health()
         bar.update(1)
         bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['cost']:.3f}")
-        if it % cfg.log.checkpoint_every == 0 or final:
+        if (it % cfg.log.checkpoint_every == 0 or final) and dist.main:
             if generator is not None:
                 ref = tuned_generator_ref(cfg, rt, tokenizer, cdir)
             files = learner.save(cdir)
@@ -185,6 +201,8 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
                 save_checkpoint(cdir, learner.policy, rt.space, ref, it, extra=stats, name="best")
             save_checkpoint(cdir, learner.policy, rt.space, ref, it, extra={**stats, "files": files, "best_reward": best}, name="last")
             prune(cdir)
+        if (it % cfg.log.checkpoint_every == 0 or final) and generator is not None:
+            ref = gather(ref, dist)[0]  # rank 0 saved the tuned generator: every rank names its folder
     bar.close()
     logger.close()
     if not stats:  # finished before this (resumed) process: the last checkpoint holds its final batch

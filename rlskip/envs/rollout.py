@@ -331,7 +331,9 @@ class SkipRollout:
         quality = np.asarray(self._quality(outputs, indices, [f.text for f in full]), dtype=np.float64)
         quality_full = np.asarray([f.quality for f in full], dtype=np.float64)
         shaped = self.shaped_quality(quality, margins, np.asarray([f.margin for f in full], dtype=np.float64))
-        reward = np.asarray(constraint.reward(shaped, quality_full, cost), dtype=np.float64)
+        # a budget-conditioned handler rewards each instance at its own budget
+        conditioned = {"budget": np.array([slot["budget"] for slot in slots])} if getattr(constraint, "budget_range", None) else {}
+        reward = np.asarray(constraint.reward(shaped, quality_full, cost, **conditioned), dtype=np.float64)
         if reward.shape != (n,):
             raise ValueError(f"the constraint handler returned rewards of shape {reward.shape}, expected ({n},)")
         # what the runtime keeps: the real tokens the plan keeps, plus every special token

@@ -60,6 +60,9 @@ class SkipVecEnv(RolloutFront, VecEnv):
         num_envs: number of parallel slots per step (the batch size of the runtime calls).
         group_size: slots per drawn instance (a divisor of ``num_envs``); a group's slots share the instance
             and the budget, and ``set_options`` applies to a group through its first slot.
+        shard: ``(rank, world)`` of a data-parallel job: every step draws ``world * num_envs`` slots from the one
+            stream and this environment keeps slice ``rank``, so the ranks together step what one environment of
+            ``world * num_envs`` slots would.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class SkipVecEnv(RolloutFront, VecEnv):
         constraint: ConstraintHandler | None = None,
         seed: int | None = None,
         group_size: int = 1,
+        shard: tuple[int, int] = (0, 1),
         margin: float = 0.0,
         prompt: PromptFormat | None = None,
     ) -> None:
@@ -91,6 +95,10 @@ class SkipVecEnv(RolloutFront, VecEnv):
         if group_size < 1 or num_envs % group_size:
             raise ValueError(f"group_size must be a positive divisor of num_envs={num_envs}, got {group_size}")
         self.group_size = int(group_size)
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        self.shard = (int(rank), int(world))
         self.rollout = SkipRollout(
             model, tokenizer, task, examples, split, data_files, limit, max_source_tokens, max_new_tokens,
             gen_kwargs, budget, budget_in_obs, fidelity, policy_flops, margin, prompt,
@@ -124,10 +132,17 @@ class SkipVecEnv(RolloutFront, VecEnv):
 
     # -- episodes -----------------------------------------------------------------------------------
     def _draw(self, options: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Slots for the next step: one draw per group (its first slot's options), repeated over the group."""
-        k = self.group_size
-        drawn, self._episodes = self.rollout.draw(self._seed, self._episodes, list(options)[::k])
-        return [dict(slot) for slot in drawn for _ in range(k)]
+        """Slots for the next step: one draw per group (its first slot's options), repeated over the group. A
+        shard draws the whole data-parallel batch from the shared stream and keeps its own slice."""
+        k, (rank, world) = self.group_size, self.shard
+        options = list(options)[::k]
+        if world > 1:
+            if any(options):
+                raise ValueError("per-slot options (index, budget) are not supported in a sharded environment")
+            options = options * world
+        drawn, self._episodes = self.rollout.draw(self._seed, self._episodes, options)
+        per_rank = len(drawn) // world
+        return [dict(slot) for slot in drawn[rank * per_rank : (rank + 1) * per_rank] for _ in range(k)]
 
     def _load(self, slots: list[dict[str, Any]]) -> VecEnvObs:
         """Put instances in the slots and observe them in one batched call."""

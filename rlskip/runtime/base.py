@@ -197,6 +197,11 @@ class Runtime(ABC):
         ``lengths`` tokens of which ``kept`` survive token dropping, and ``steps`` new tokens per instance over
         ``beams`` rows (``steps=None``: classification, one pass over the input)."""
 
+    def sublayer_influence(self, obs: Observation) -> torch.Tensor:
+        """``[batch, n_bits]`` how much each skippable sub-layer changes the residual stream on these inputs
+        (ShortGPT's block influence), for static pruning without search; families that measure it override this."""
+        raise ValueError(f"the {self.family} family does not measure sub-layer influence; use eval.static_search=greedy")
+
     def generation_config(self):
         """The generation defaults ``generate()`` starts from (the model's own)."""
         return self.model.generation_config

@@ -19,8 +19,9 @@ the model's). What differs from the Hugging Face forward:
   keys -- for one instance its last ``min(keys, window)``, as Hugging Face's sliding cache keeps -- masked by
   position.
 
-:class:`_LlamaDecoder` feeds the shared search (:mod:`rlskip.runtime.search`); :class:`_LlamaExitStack` exposes
-the stack one layer at a time for confident early exit (:mod:`rlskip.methods`).
+:class:`LlamaDecoder` feeds the shared search (:mod:`rlskip.runtime.search`);
+:class:`rlskip.runtime.llama_exit.LlamaExitStack` exposes the stack one layer at a time for confident early
+exit (:mod:`rlskip.methods`).
 """
 
 from __future__ import annotations
@@ -276,18 +277,41 @@ class LlamaRuntime(Runtime):
 
     # ------------------------------------------------------------------------------------------------
     def decoder(self, obs: Observation, plan: Plan, beams: int, capacity: int):
-        """A :class:`_LlamaDecoder` over ``batch * beams`` rows and ``[batch]`` the prompt tokens it kept."""
-        dec = _LlamaDecoder(self, obs, plan, beams, capacity)
+        """A :class:`LlamaDecoder` over ``batch * beams`` rows and ``[batch]`` the prompt tokens it kept."""
+        dec = LlamaDecoder(self, obs, plan, beams, capacity)
         return dec, dec.kept
 
-    def exit_stack(self, obs: Observation, capacity: int) -> _LlamaExitStack:
+    def exit_stack(self, obs: Observation, capacity: int):
         """The full model one layer at a time, for :class:`rlskip.methods.EarlyExit`."""
+        from rlskip.runtime.llama_exit import LlamaExitStack
+
         if len(set(self.windows)) > 1:
             raise ValueError("early exit needs the same attention window in every layer; this model mixes windows")
-        return _LlamaExitStack(self, obs, capacity)
+        return LlamaExitStack(self, obs, capacity)
+
+    def sublayer_influence(self, obs: Observation) -> torch.Tensor:
+        """ShortGPT's block influence of every skippable sub-layer, ``[batch, n_bits]``: one minus the cosine
+        similarity of the residual stream before and after it, averaged over each instance's real prompt tokens,
+        with every sub-layer running. Low influence: the sub-layer changes the stream little."""
+        h, mask, pos = obs.hidden, obs.attention_mask, obs.positions
+        cos, sin = self.core.rotary_emb(h, pos)
+        out = h.new_zeros(obs.batch_size, self.space.n_bits)
+        m = mask.to(h.dtype)
+
+        def influence(before, after):
+            return ((1 - F.cosine_similarity(before, after, dim=-1)) * m).sum(1) / m.sum(1)
+
+        with torch.no_grad():
+            for i in range(1, len(self.layers)):
+                ba, bf = self._bits[i]
+                y = self._prompt_attn(i, h, cos, sin, mask, pos)[2]
+                out[:, ba], h = influence(h, y), y
+                y = self._ffn(i, h)
+                out[:, bf], h = influence(h, y), y
+        return out
 
 
-class _LlamaDecoder:
+class LlamaDecoder:
     """Incremental decoding for :mod:`rlskip.runtime.search` over ``batch * beams`` rows (beams adjacent).
 
     :meth:`prefill` runs layers 1.. over each instance's kept prompt once and copies keys, values and logits to
@@ -367,57 +391,3 @@ class _LlamaDecoder:
         for cache in self.caches:
             if cache is not None:
                 cache.reorder(beam_idx)
-
-
-class _LlamaExitStack:
-    """The full model one layer at a time (every row, one cache per layer), for confident early exit.
-
-    :meth:`prefill_logits` runs the prompt through every layer (its cost is in ``fixed_flops``); then
-    ``layer(i, x, rows)`` runs layer ``i`` at the current position for the given rows and caches their keys and
-    values; ``fill(i, x, rows)`` only caches keys/values projected from ``x`` (rows that exited earlier);
-    ``logits(x)`` is the final norm and the LM head.
-    """
-
-    def __init__(self, rt: LlamaRuntime, obs: Observation, capacity: int) -> None:
-        b = obs.batch_size
-        self.rt, self.dec = rt, _LlamaDecoder(rt, obs, Plan.all_ones(rt.space, b), 1, capacity)
-        self.n_layers, self.vocab, self.start = len(rt.layers), rt.dims.vocab, None
-        fixed, per = rt.flops_table(obs.lengths, obs.lengths, torch.ones(b), 1)  # one new token: the prompt pass
-        self.fixed_flops = fixed + per.sum(1)
-        c = rt.config
-        self.kv_flops = float(fl.kv_projection(rt.attn, 1))
-        self.head_flops = float(fl.lm_head(1, c.hidden_size, c.vocab_size))
-        self._mlp_flops = float(fl.mlp(1, c.hidden_size, c.intermediate_size, gated=True))
-        (self.lengths,) = fl.lengths(obs.lengths)
-
-    def prefill_logits(self) -> torch.Tensor:
-        return self.dec.prefill()
-
-    def layer_flops(self, rows: torch.Tensor) -> torch.Tensor:
-        """FLOPs of one full layer at the current position for each of ``rows``."""
-        keys = self.lengths[rows.cpu()] + self.dec.t + 1
-        w = self.rt.windows[0]
-        keys = keys if w is None else keys.clamp(max=w)
-        return fl.attention(self.rt.attn, 1, keys, 1) + self._mlp_flops
-
-    def _rope(self, x: torch.Tensor, rows: torch.Tensor):
-        qpos = self.dec.start[rows] + self.dec.t
-        return (qpos, *self.rt.core.rotary_emb(x, qpos[:, None]))
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.rt.core.embed_tokens(tokens)[:, None]
-
-    def layer(self, i: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        qpos, cos, sin = self._rope(x, rows)
-        return self.rt._ffn(i, self.dec.attend(i, x, cos, sin, qpos, rows))
-
-    def fill(self, i: int, x: torch.Tensor, rows: torch.Tensor) -> None:
-        _, cos, sin = self._rope(x, rows)
-        layer = self.rt.layers[i]
-        self.dec.caches[i].write(*self.rt._kv(layer.self_attn, layer.input_layernorm(x), cos, sin), rows)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rt._lm_logits(x[:, 0])
-
-    def advance(self) -> None:
-        self.dec.advance()

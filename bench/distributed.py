@@ -1,0 +1,84 @@
+"""Rollout throughput of the embedded default's policy training at 1 and 2 data-parallel processes.
+
+The generator is warmed up once (the embedded default's recipe, fewer steps) and saved; then the same policy
+training (REINFORCE, 32 rollouts per process and iteration, the default's batch) runs as one process and under
+``torchrun --nproc_per_node=2``, one torch thread per process, and each run's policy phase (``summary.json``:
+``seconds.policy``) gives instances per second. ``scaling_efficiency`` is the 2-process throughput over twice
+the 1-process throughput, each process rolling out the default's 32 per iteration (a global batch of 64: data
+parallelism adds rollouts per update). ``scaling_efficiency_same_global_batch`` splits the default's 32 over the
+two processes instead (16 each): a batch of 16 decodes nearly as slowly as one of 32 on a model this small, so
+that split gains little. The machine should be otherwise idle: two processes need both cores.
+
+    python bench/distributed.py            # about 6 minutes on 2 cores
+    python bench/distributed.py --quick    # fewer iterations
+
+Prints one JSON object as its last line (``instances_per_s_1proc``, ``instances_per_s_2proc``,
+``scaling_efficiency``) and writes it to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent
+
+
+def train(args: list[str], procs: int, run_dir: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if procs == 1:
+        cmd = [sys.executable, "-m", "rlskip.train"]
+    else:
+        cmd = [str(VENV / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "-m", "rlskip.train"]
+    proc = subprocess.run(cmd + args + [f"run_dir={run_dir}", "log.progress=false"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"training with {procs} process(es) failed:\n{proc.stderr[-3000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed.json")
+    args = ap.parse_args(argv)
+    iterations = 30 if args.quick else 80
+    load = os.getloadavg()[0]  # another job on the cores distorts both runs
+    work = Path(tempfile.mkdtemp(prefix="rlskip-dist-"))
+    try:
+        warm = train(["backbone.warmup.steps=1500", "agent.iterations=1", "agent.policies=1", "eval.limit=16",
+                      "eval.static_search_instances=8", "eval.latency_instances=8"], 1, work / "warm")
+        generator = Path(warm["run_dir"]) / "generator"
+        policy = [
+            f"backbone.name_or_path={generator}", "backbone.warmup.steps=null", "backbone.warmup.time_budget_s=0", f"agent.iterations={iterations}",
+            "agent.policies=1", "log.latency_every=100000", f"log.checkpoint_every={iterations}", "eval.limit=16",
+            "eval.static_search_instances=8", "eval.latency_instances=8", "eval.calibration_instances=64",
+        ]
+        rates = {}
+        for procs, batch in ((1, 32), (2, 64), (2, 32)):
+            summary = train(policy + [f"agent.n_envs={batch}"], procs, work / f"p{procs}-{batch}")
+            rates[procs, batch] = batch * iterations / summary["seconds"]["policy"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "instances_per_s_1proc": round(rates[1, 32], 2), "instances_per_s_2proc": round(rates[2, 64], 2),
+        "scaling_efficiency": round(rates[2, 64] / (2 * rates[1, 32]), 4),
+        "instances_per_s_2proc_same_global_batch": round(rates[2, 32], 2),
+        "scaling_efficiency_same_global_batch": round(rates[2, 32] / (2 * rates[1, 32]), 4),
+        "iterations": iterations, "batch_per_process": 32, "load_average_at_start": load,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Plan-aware batching: decide every instance's plan first, then batch together the instances whose plans agree.
+
+A decoding step at batch 16 is bound by reading the weights, so a sub-layer that *any* row of a batch keeps
+costs nearly its full time: a batch of 16 instances with 16 different plans saves little of the FLOPs its
+plans skip. Plans are cheap to decide (observe + policy) before anything is executed, and a trained policy
+uses few distinct plans, so a *pool* of decided instances (several batches' worth) can be re-cut into batches
+that agree. The rule (:func:`plan_batches`):
+
+1. instances whose sub-layer bits are identical form a group (their token keep-masks may differ: dropped
+   tokens leave each row's tensors, whatever the other rows keep);
+2. each group fills as many whole batches of ``max_batch`` rows as it can, largest group first;
+3. the instances left over (each group's remainder) are chained by plan similarity (greedy nearest neighbour
+   in Hamming distance, starting from the largest remainder) and cut into batches of ``max_batch``, so the
+   mixed batches hold near plans; the runtime executes a mixed batch exactly (row gather/scatter).
+
+Plans are never merged: every instance is executed under its own plan, so plan-aware and FIFO batching give
+the same outputs (each instance's, as it gets alone; the runtime contract), its executed FLOPs are counted as
+executed, and results come back in the pool's order. The number of batches is ``ceil(n / max_batch)`` either
+way. ``plan_aware=False`` gives FIFO batches (consecutive chunks), for comparison.
+
+The pool is observed once; its batches take the observation's rows (:meth:`Observation.rows`) and drop the
+padding columns none of their rows uses (:func:`take`), so a batch of short inputs does not pay for the
+pool's longest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from rlskip.execute import Executed, Executor
+from rlskip.plan import Plan
+from rlskip.runtime.base import Observation
+
+# Batches' worth of instances decided together by plan-aware batching in offline jobs (inference on a list,
+# evaluation's latency): a larger pool finds more agreeing instances and holds more observations in memory.
+POOL_BATCHES = 8
+
+
+def fifo_batches(n: int, max_batch: int) -> list[list[int]]:
+    """Consecutive chunks of ``max_batch`` instances."""
+    _check(max_batch)
+    return [list(range(i, min(i + max_batch, n))) for i in range(0, n, max_batch)]
+
+
+def plan_batches(bits: torch.Tensor, max_batch: int, plan_aware: bool = True) -> list[list[int]]:
+    """Batches (lists of pool indices) for instances with sub-layer ``bits [n, n_bits]``, by the rule in the
+    module docstring; FIFO chunks when ``plan_aware`` is False."""
+    n = bits.shape[0]
+    if not plan_aware:
+        return fifo_batches(n, max_batch)
+    _check(max_batch)
+    groups: dict[bytes, list[int]] = {}
+    rows = bits.to(torch.bool).cpu()
+    keys = [bytes(r) for r in rows.to(torch.uint8).numpy()]
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    # largest group first; ties by arrival (dicts keep first-seen order and sorted() is stable)
+    ordered = sorted(groups.values(), key=len, reverse=True)
+    batches, rest = [], []
+    for members in ordered:
+        whole = len(members) - len(members) % max_batch
+        batches += [members[i : i + max_batch] for i in range(0, whole, max_batch)]
+        if whole < len(members):
+            rest.append(members[whole:])
+    chain = _similarity_chain(sorted(rest, key=len, reverse=True), rows)
+    flat = [i for members in chain for i in members]
+    return batches + [flat[i : i + max_batch] for i in range(0, len(flat), max_batch)]
+
+
+def _similarity_chain(groups: list[list[int]], rows: torch.Tensor) -> list[list[int]]:
+    """``groups`` (largest first) reordered so that each follows the remaining one nearest to it in Hamming
+    distance between their plans (ties: the larger, then the earlier), starting from the largest."""
+    if len(groups) <= 2:
+        return groups
+    plans = torch.stack([rows[g[0]] for g in groups]).to(torch.int16)
+    dist = (plans[:, None, :] != plans[None, :, :]).sum(-1).tolist()
+    left = list(range(1, len(groups)))
+    chain = [0]
+    while left:
+        nxt = min(left, key=lambda j: (dist[chain[-1]][j], -len(groups[j]), j))
+        chain.append(nxt)
+        left.remove(nxt)
+    return [groups[j] for j in chain]
+
+
+def _check(max_batch: int) -> None:
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+
+
+def take(obs: Observation, plan: Plan, index: Sequence[int]) -> tuple[Observation, Plan]:
+    """The observation and plans of the instances ``index`` (in that order), cut to the input columns they use.
+
+    Inputs are right-padded (:meth:`rlskip.encoding.Encoder.batch`), so the columns past the longest of these
+    rows are padding for all of them: they leave every ``[batch, len, ...]`` tensor of the observation (its
+    ``state`` included) and the token keep-masks.
+    """
+    sub, sub_plan = obs.rows(list(index)), plan.rows(list(index))
+    width = obs.input_ids.shape[1]
+    mask = sub.attention_mask
+    used = int(mask.any(0).nonzero().max()) + 1
+    if used == width:
+        return sub, sub_plan
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:, :used] if t.dim() >= 2 and t.shape[1] == width else t
+
+    trimmed = Observation(
+        cut(sub.hidden), cut(sub.attention_mask), cut(sub.input_ids), cut(sub.always_keep), cut(sub.positions),
+        state={k: cut(v) for k, v in sub.state.items()},
+    )
+    tk = None if sub_plan.token_keep is None else sub_plan.token_keep[:, :used]
+    return trimmed, Plan(sub_plan.space, sub_plan.bits, tk)
+
+
+def execute(
+    ex: Executor, obs: Observation, plan: Plan, cost: torch.Tensor, batches: list[list[int]], **gen_kwargs: Any
+) -> Iterator[tuple[list[int], Executed]]:
+    """Run the pool's ``batches`` one after another; yields ``(pool indices, outputs)`` per batch, in the
+    batch's row order. ``cost`` is each instance's decision FLOPs."""
+    cost = torch.as_tensor(cost, dtype=torch.float64)
+    for index in batches:
+        sub, sub_plan = take(obs, plan, index)
+        yield index, ex.run(sub, sub_plan, cost[index], **gen_kwargs)
+
+
+def merge(n: int, parts: Sequence[tuple[list[int], Executed]], plan: Plan | None = None) -> Executed:
+    """The outputs of a pool of ``n`` instances in pool order, from its batches' ``(indices, outputs)``;
+    ``plan``: the pool's plans, recorded as the executed plan."""
+    order = torch.tensor([i for index, _ in parts for i in index], dtype=torch.long)
+    if sorted(order.tolist()) != list(range(n)):
+        raise ValueError(f"the batches cover {order.numel()} instances, not each of the pool's {n} once")
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    outs = [out for _, out in parts]
+    predictions = [p for out in outs for p in out.predictions]
+
+    def cat(name: str) -> torch.Tensor | None:
+        vals = [getattr(out, name) for out in outs]
+        return None if any(v is None for v in vals) else torch.cat([v.cpu() for v in vals])[inverse]
+
+    return Executed(
+        [predictions[i] for i in inverse.tolist()], cat("flops"), cat("full_flops"), cat("input_kept"),
+        cat("margins"), plan, cat("steps"),
+    )
+
+
+def concat_plans(plans: Sequence[Plan]) -> Plan:
+    """Several pools' plans (from one plan source: all with token keep-masks or none) one after another. The
+    masks of narrower pools are right-padded with True (padding positions, which the runtime removes whatever a
+    mask says there)."""
+    masks = [p.token_keep for p in plans]
+    if masks[0] is None:
+        return Plan(plans[0].space, torch.cat([p.bits for p in plans]))
+    width = max(m.shape[1] for m in masks)
+    padded = [torch.nn.functional.pad(m, (0, width - m.shape[1]), value=True) for m in masks]
+    return Plan(plans[0].space, torch.cat([p.bits for p in plans]), torch.cat(padded))
+
+
+def run_pool(
+    ex: Executor, obs: Observation, plan: Plan, cost: torch.Tensor, max_batch: int, plan_aware: bool = True,
+    **gen_kwargs: Any,
+) -> Executed:
+    """Execute a decided pool in batches of at most ``max_batch`` (plan-aware or FIFO); outputs in pool order."""
+    batches = plan_batches(plan.bits, max_batch, plan_aware)
+    return merge(obs.batch_size, list(execute(ex, obs, plan, cost, batches, **gen_kwargs)), plan)

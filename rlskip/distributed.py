@@ -1,0 +1,118 @@
+"""Data-parallel training with ``torch.distributed`` (``torchrun``), and the device every tensor goes to.
+
+``torchrun --nproc_per_node=N -m rlskip.train ...`` starts N processes (ranks) with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and a rendezvous in the environment; :func:`setup` joins the process group (``gloo`` on the CPU,
+``nccl`` on GPUs) with a timeout, so a rank that dies fails the others with one line instead of a hang. Without
+those variables the run is one process and every function here is a no-op.
+
+What is sharded: each rank rolls out its own slice of every global batch (the same data stream, cut by rank),
+gradients are averaged across ranks (every rank holds identical weights after each update), batch statistics are
+gathered (constraint updates and logs see the whole batch), calibration and evaluation batches are split across
+ranks and their outputs gathered. Rank 0 alone writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEVICES = "cpu | cuda | cuda:<index> | auto"
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device a ``device`` setting names: ``auto`` is the (local rank's) GPU when there is one, else the CPU;
+    ``cuda`` is the local rank's GPU. A GPU that is not there fails in one line."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} but no CUDA device is available here; use device=cpu or device=auto")
+        index = local_rank if name == "cuda" else int(name.split(":", 1)[1])
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name} (index {index}) does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    raise ValueError(f"unknown device {name!r}; expected {DEVICES}")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: ``rank`` of ``world`` processes, and its ``device``."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and measures latency."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str = "cpu", timeout_s: float = 300.0) -> Dist:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1), else a one-process job."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world == 1:
+        return Dist(0, 1, dev)
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_gradients(params, d: Dist) -> None:
+    """Average the gradients of ``params`` over the ranks, in place (one flat all-reduce)."""
+    if not d.active:
+        return
+    params = list(params)
+    for p in params:  # a parameter no row of this rank's batch used has no gradient here, but may on another rank
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= d.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def gather(obj: Any, d: Dist) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not d.active:
+        return [obj]
+    out: list = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+def current() -> Dist:
+    """The job this process belongs to, as :func:`setup` left it (a one-process job when there is none)."""
+    if not dist.is_initialized():
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size())

@@ -1,0 +1,125 @@
+"""Plan-aware batching (rlskip.batching): the grouping rule's properties, order restored, padding cut, and the
+same outputs as FIFO batching through ``rlskip.load(...).generate``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlskip.batching import concat_plans, fifo_batches, merge, plan_batches, take
+from rlskip.execute import Executed
+from rlskip.plan import Plan
+from rlskip.runtime.base import Observation
+from rlskip.space import SkipSpace
+
+from test_inference import one_thread, trained_run  # noqa: F401  (one_thread: autouse)
+
+SPACE = SkipSpace.encoder_decoder("bart", 3, 3)
+
+
+def _bits(plan_ids: list[int], n_plans: int = 5, seed: int = 0) -> torch.Tensor:
+    """Rows drawn from ``n_plans`` distinct random plans: row i takes plan ``plan_ids[i]``."""
+    g = torch.Generator().manual_seed(seed)
+    plans = torch.rand(n_plans, SPACE.n_bits, generator=g) < 0.5
+    plans[:, 0] = torch.arange(n_plans) % 2 == 0  # distinct even if the draw repeats one
+    plans[:, 1] = torch.arange(n_plans) // 2 % 2 == 0
+    plans[:, 2] = torch.arange(n_plans) // 4 % 2 == 0
+    return plans[torch.tensor(plan_ids)]
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 4, 16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_aware_batches_partition_the_pool_into_as_many_batches_as_fifo(max_batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.multinomial(torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0]), 37, replacement=True, generator=g).tolist()
+    bits = _bits(ids)
+    batches = plan_batches(bits, max_batch)
+    assert sorted(i for b in batches for i in b) == list(range(37))
+    assert all(1 <= len(b) <= max_batch for b in batches)
+    assert len(batches) == len(fifo_batches(37, max_batch)) == math.ceil(37 / max_batch)
+    # every group fills as many whole batches of its own plan as it can
+    homogeneous = [b for b in batches if len({ids[i] for i in b}) == 1 and len(b) == max_batch]
+    for plan in set(ids):
+        assert sum(1 for b in homogeneous if ids[b[0]] == plan) >= ids.count(plan) // max_batch
+
+
+def test_identical_plans_are_batched_together_and_fifo_is_consecutive():
+    ids = [0, 1, 0, 2, 1, 0, 1, 0, 2, 0, 1, 0]  # plan 0: 6 rows, plan 1: 4, plan 2: 2
+    bits = _bits(ids)
+    batches = plan_batches(bits, 4)
+    assert [sorted({ids[i] for i in b}) for b in batches[:2]] == [[0], [1]]  # largest group first
+    assert batches[0] == [0, 2, 5, 7]  # in arrival order within a group
+    assert batches[2:] == [[9, 11, 3, 8]]  # the remainders, each kept whole, largest (then earliest) first
+    assert plan_batches(bits, 4, plan_aware=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="max_batch"):
+        plan_batches(bits, 0)
+
+
+def test_leftovers_are_chained_by_plan_similarity():
+    base = torch.ones(4, SPACE.n_bits, dtype=torch.bool)
+    base[1, :6] = False  # far from plan 0
+    base[2, :1] = False  # one bit from plan 0
+    base[3, :5] = False  # one bit from plan 1
+    bits = base[torch.tensor([0, 0, 1, 2, 3])]
+    flat = [i for b in plan_batches(bits, 16) for i in b]
+    assert flat == [0, 1, 3, 4, 2]  # plan 0 (largest), then its nearest (2), then 3, then 1
+
+
+def test_merge_restores_pool_order_and_take_cuts_padding():
+    n = 6
+    batches = plan_batches(_bits([0, 1, 0, 1, 2, 0]), 2)
+    parts = []
+    for index in batches:
+        t = torch.tensor(index, dtype=torch.float64)
+        parts.append((index, Executed([f"out{i}" for i in index], t * 10, t + 100, t.long(), None, None, t.long() + 1)))
+    out = merge(n, parts)
+    assert out.predictions == [f"out{i}" for i in range(n)]
+    assert out.flops.tolist() == [10.0 * i for i in range(n)] and out.steps.tolist() == [i + 1 for i in range(n)]
+    assert out.margins is None
+    with pytest.raises(ValueError, match="each of the pool"):
+        merge(n + 1, parts)
+
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    obs = Observation(
+        torch.randn(3, 5, 4), mask, torch.arange(15).view(3, 5), torch.zeros(3, 5, dtype=torch.bool),
+        torch.arange(5).expand(3, 5), state={"keys": torch.randn(3, 5, 2, 2)},
+    )
+    plan = Plan(SPACE, torch.ones(3, SPACE.n_bits, dtype=torch.bool), torch.rand(3, 5) < 0.5)
+    sub, sub_plan = take(obs, plan, [2, 1])
+    assert sub.input_ids.tolist() == [[10, 11, 12], [5, 6, 7]] and sub.state["keys"].shape == (2, 3, 2, 2)
+    assert torch.equal(sub.hidden, obs.hidden[[2, 1], :3]) and torch.equal(sub_plan.token_keep, plan.token_keep[[2, 1], :3])
+    full, _ = take(obs, plan, [0, 1])
+    assert full.input_ids.shape == (2, 4)  # the longest of these rows
+
+    wide = concat_plans([plan, Plan(SPACE, plan.bits[:1], plan.token_keep[:1, :2])])
+    assert wide.token_keep.shape == (4, 5) and bool(wide.token_keep[3, 2:].all())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory)
+
+
+def test_plan_aware_and_fifo_batching_give_each_input_what_it_gets_alone(run_dir):
+    import rlskip
+    from rlskip.policy import observation_inputs
+
+    texts = [f"{op} {' '.join(str((7 * i + j) % 10) for j in range(3 + i % 5))}" for i, op in enumerate(["copy", "reverse", "sort"] * 6)]
+    m = rlskip.load(run_dir, batch_size=3)
+    with torch.no_grad():  # a threshold amid the policy's keep probabilities on these inputs: several plans
+        m.threshold = float(torch.sigmoid(m.policy(**observation_inputs(m.observe(texts)))[0]).median())
+    plans = m.decide(texts)
+    assert len({tuple(r) for r in plans.bits.tolist()}) > 2, "the check needs several distinct plans"
+    assert plan_batches(plans.bits, 3) != fifo_batches(len(texts), 3), "plan-aware batches should differ from FIFO"
+    got_aware = m.generate(texts, return_details=True)
+    m.plan_aware = False
+    got_fifo = m.generate(texts, return_details=True)
+    for i, text in enumerate(texts):
+        alone = m.generate([text], return_details=True)[0]
+        for got in (got_aware[i], got_fifo[i]):
+            assert got["text"] == text and got["generation"] == alone["generation"]
+            assert got["skipped"] == alone["skipped"] == plans.skipped_names(i)
+            assert got["flops_ratio"] == pytest.approx(alone["flops_ratio"], rel=1e-9)

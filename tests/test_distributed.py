@@ -1,0 +1,143 @@
+"""Data-parallel training on torch.distributed (gloo, 2 CPU processes): the job trains what one process trains on
+the same global batch, every rank ends with the same weights, only rank 0 writes, and a dead rank fails the run
+with one line instead of a hang."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import TINY
+
+ARGS = TINY + ["agent.policies=1", "agent.iterations=4", "log.checkpoint_every=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _guard_writes(run_dir: Path) -> None:
+    """Make any write below ``run_dir`` from this process an error (rank 1 must write nothing there)."""
+    root = str(run_dir.resolve())
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, Path.mkdir
+
+    def inside(path) -> bool:
+        return str(Path(path).resolve()).startswith(root)
+
+    def guarded_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and inside(file):
+            raise AssertionError(f"rank 1 wrote {file}")
+        return real_open(file, mode, *a, **k)
+
+    def guarded_os_open(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+            raise AssertionError(f"rank 1 wrote {path}")
+        return real_os_open(path, flags, *a, **k)
+
+    def guarded_mkdir(self, *a, **k):
+        if inside(self):
+            raise AssertionError(f"rank 1 made {self}")
+        return real_mkdir(self, *a, **k)
+
+    builtins.open, os.open, Path.mkdir = guarded_open, guarded_os_open, guarded_mkdir
+
+
+def _rank(rank: int, world: int, port: int, args: list[str], out: str, die_at: int | None) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import rlskip.agents.trainer as trainer
+    from rlskip.agents.reinforce import Reinforce
+    from rlskip.train import main
+
+    train_policy = trainer.train_policy
+
+    def keep_policy(*a, **k):  # what this rank's learner holds at the end
+        learner, ref, stats = train_policy(*a, **k)
+        torch.save(learner.policy.state_dict(), Path(out) / f"rank{rank}.pt")
+        return learner, ref, stats
+
+    trainer.train_policy = keep_policy
+    if die_at is not None and rank == 1:
+        step = Reinforce.train_iteration
+
+        def die(self, *a, **k):
+            if self.iteration == die_at:
+                os._exit(1)
+            return step(self, *a, **k)
+
+        Reinforce.train_iteration = die
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
+    if rank > 0:
+        _guard_writes(Path(run_dir))
+    rc = main(args)
+    Path(out, f"rc{rank}").write_text(str(rc))
+
+
+def _job(world: int, args: list[str], out: Path, die_at: int | None = None, timeout: float = 600) -> list[int | None]:
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, args, str(out), die_at)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a rank hung")
+    return [int((out / f"rc{r}").read_text()) if (out / f"rc{r}").is_file() else None for r in range(world)]
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    (tmp_path / "o1").mkdir()
+    (tmp_path / "o2").mkdir()
+    assert _job(1, ARGS + [f"run_dir={one}"], tmp_path / "o1") == [0]
+    assert _job(2, ARGS + [f"run_dir={two}"], tmp_path / "o2") == [0, 0]  # rank 1 wrote nothing in the run dir
+    ranks = [torch.load(tmp_path / "o2" / f"rank{r}.pt") for r in (0, 1)]
+    single = torch.load(tmp_path / "o1" / "rank0.pt")
+    for k, v in single.items():
+        assert torch.equal(ranks[0][k], ranks[1][k]), k  # every rank holds the same weights
+        assert torch.allclose(ranks[0][k], v, atol=1e-5), k  # and what one process learns from the same batches
+    s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert s1["quality"] == s2["quality"] and s1["threshold"] == s2["threshold"]
+    assert s1["flops_ratio"] == pytest.approx(s2["flops_ratio"], abs=1e-6)
+    rows = lambda r: (r / "tb" / "progress.csv").read_text().splitlines()  # noqa: E731
+    assert len(rows(one)) == len(rows(two))  # the whole batch's statistics, logged once, by rank 0
+
+
+def test_a_dead_rank_fails_the_run_in_one_line_instead_of_hanging(tmp_path, capfd):
+    t0 = time.monotonic()
+    rcs = _job(2, ARGS + ["dist_timeout_s=30", f"run_dir={tmp_path / 'run'}"], tmp_path, die_at=2, timeout=300)
+    assert rcs == [2, None] and time.monotonic() - t0 < 200
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert err and "peer process stopped or stalled" in err[-1]
+
+
+def test_ppo_refuses_to_train_data_parallel_and_devices_are_checked():
+    from omegaconf import OmegaConf
+
+    from rlskip.agents.trainer import make_learner
+    from rlskip.config import compose
+    from rlskip.distributed import Dist, resolve_device
+
+    cfg = compose(["agent=ppo"])
+    with pytest.raises(ValueError, match="agent=ppo trains in one process"):
+        make_learner(cfg, env=OmegaConf.create({}), logger=None, seed=0, dist=Dist(rank=0, world=2))
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            resolve_device("cuda:1")
+    with pytest.raises(ValueError, match=r"device='gpu', expected cpu, cuda, cuda:<index> or auto"):
+        compose(["device=gpu"])
