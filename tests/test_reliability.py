@@ -24,9 +24,28 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 JOINT = TINY + ["generator.mode=joint", "generator.lr=1e-3", "agent.policies=1", "log.checkpoint_every=1", "agent.iterations=6"]
 
 
-def _train(args: list[str], **kw) -> subprocess.Popen:
+KILL_IN_WRITE = """
+import os, signal
+_n, _dir, _seen = int(os.environ["RLSKIP_KILL_AT_WRITE"]), os.environ["RLSKIP_KILL_DIR"], [0]
+def _guard(orig):
+    def wrapped(src, dst, *a, **k):
+        if str(dst).startswith(_dir) and os.path.exists(os.path.join(_dir, "last.json")):
+            _seen[0] += 1
+            if _seen[0] == _n:  # the temp file (or folder) is complete; die before it replaces the old one
+                os.kill(os.getpid(), signal.SIGKILL)
+        return orig(src, dst, *a, **k)
+    return wrapped
+os.replace, os.rename = _guard(os.replace), _guard(os.rename)
+"""
+
+
+def _train(args: list[str], kill_at_write: int | None = None, run_dir: Path | None = None, **kw) -> subprocess.Popen:
     code = "import sys, torch; torch.set_num_threads(1); from rlskip.train import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    env = ENV
+    if kill_at_write is not None:
+        code = KILL_IN_WRITE + code
+        env = {**ENV, "RLSKIP_KILL_AT_WRITE": str(kill_at_write), "RLSKIP_KILL_DIR": str(run_dir.resolve())}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -44,26 +63,40 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_joint_mode_survives_kill_9_and_resumes_exactly(tmp_path):
-    """kill -9 at random moments: every run directory loads (last and best), and resume ends where an
-    uninterrupted run ends (policy weights, tuned generator, best checkpoint)."""
+    """kill -9 three times inside checkpoint writes (a temp file complete, the rename not yet done) and six times
+    at random moments: after every kill the run directory loads (last and best), and the resumed run ends where
+    an uninterrupted run ends (policy weights, tuned generator, best checkpoint, summary)."""
     import rlskip
 
+    args = JOINT + ["agent.iterations=12"]
     straight = tmp_path / "straight"
-    proc = _train(JOINT + [f"run_dir={straight}"])
+    proc = _train(args + [f"run_dir={straight}"])
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     rng = random.Random(0)
     killed = tmp_path / "killed"
-    proc = _train(JOINT + [f"run_dir={killed}"])
-    for attempt in range(2):  # kill the first run, then kill its resume, each once training has started
-        while not (killed / "last.json").is_file() and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    moments = [("write", rng.randint(2, 6)) for _ in range(3)] + [("random", rng.uniform(0.0, 1.0)) for _ in range(6)]
+    kills = 0
+    for i, (how, at) in enumerate(moments):
+        start = args + [f"run_dir={killed}"] if i == 0 else [f"resume={killed}"]
+        if how == "write":
+            # the at-th file write into the run directory once it holds a checkpoint
+            proc = _train(start, kill_at_write=at, run_dir=killed)
+        else:
+            proc = _train(start)
+            while not (killed / "last.json").is_file() and proc.poll() is None:
+                time.sleep(0.05)
+            time.sleep(at)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        code = proc.wait(timeout=600)
+        assert code in (0, -signal.SIGKILL), proc.stderr.read()[-2000:]
+        kills += code == -signal.SIGKILL
         for name in ("last", "best"):
             rlskip.load(killed, name=name)  # loads, hash check included
-        proc = _train([f"resume={killed}"])
+        if code == 0:
+            break
+    assert kills >= 8, f"only {kills} of the 9 kills landed before the run finished"
+    proc = _train([f"resume={killed}"])
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     for name in ("last", "best"):
         assert _same(_weights(straight, name), _weights(killed, name)), name

@@ -147,6 +147,7 @@ class PPOLearner(Learner):
             last = infos[-self.env.num_envs :]
             bits = torch.as_tensor(np.stack([i["plan_bits"] for i in last])).bool()
             self.logger.record("train/generator_loss", self.generator.step([i["index"] for i in last], bits, None))
+            self.model._last_obs = self.env.observe_again()  # the next rollout starts from the tuned generator's view
         self.iteration += 1
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)

@@ -180,6 +180,7 @@ class Reinforce(Learner):
         gen_loss = None
         if self.generator is not None:
             gen_loss = self.generator.step(indices, bits.cpu(), None if token_keep is None else token_keep.cpu())
+            self._obs = self.env.observe_again()  # the next batch, as the tuned generator sees it
         self.iteration += 1
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)

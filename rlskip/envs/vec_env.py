@@ -151,6 +151,13 @@ class SkipVecEnv(RolloutFront, VecEnv):
         self.reset_infos = [dict(slot) for slot in slots]
         return {k: v.copy() for k, v in self._arrays.items()}
 
+    def observe_again(self) -> VecEnvObs:
+        """Observe the held instances again (one batched call) after the generator changed (joint tuning), so the
+        next step executes, and the policy reads, what the current generator computes; returns the observations."""
+        if not self._slots:
+            raise RuntimeError("call reset() before observe_again()")
+        return self._load(self._slots)
+
     def reset(self) -> VecEnvObs:
         """Draw ``num_envs`` instances (applying pending ``seed`` and ``set_options``) and observe them."""
         if self._seeds[0] is not None:
