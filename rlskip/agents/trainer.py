@@ -20,7 +20,7 @@ from rlskip.agents.base import Learner
 from rlskip.agents.generator import save_generator
 from rlskip.checkpoint import Checkpoint, load_checkpoint, make_backbone_ref, save_checkpoint
 from rlskip.constraints import Budget, from_config
-from rlskip.distributed import Dist, gather
+from rlskip.distributed import Dist, barrier, gather
 from rlskip.evaluation import EvalData, latency_ratio
 from rlskip.methods import planned, policy_plans
 from rlskip.policy import SkipPolicy
@@ -205,6 +205,7 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
             ref = gather(ref, dist)[0]  # rank 0 saved the tuned generator: every rank names its folder
     bar.close()
     logger.close()
+    barrier(dist)  # rank 0's last checkpoint is on disk before any rank reads it
     if not stats:  # finished before this (resumed) process: the last checkpoint holds its final batch
         stats = {k: v for k, v in last.extra.items() if k in ("reward", "quality", "quality_full", "cost")}
     return learner, ref, stats
