@@ -54,6 +54,13 @@ def load_resumed_config(run_dir: str, overrides: list[str]) -> tuple[DictConfig,
     return cfg, path
 
 
+def _bound(row: dict) -> str:
+    """The calibrated bound a policy's selection row holds: on the quality drop, or (budget-conditioned) on FLOPs."""
+    if "drop_upper_bound" in row:
+        return f" drop bound {row['drop_upper_bound']:.4f}"
+    return f" FLOPs bound {row['flops_upper_bound']:.4f} at budget {row['budget']:g}" if "flops_upper_bound" in row else ""
+
+
 def check_world(cfg: DictConfig, dist: Dist) -> None:
     """The global batch (``agent.n_envs``) must split evenly over the ranks, in whole groups of plans."""
     group = cfg.agent.get("group_size", 1)
@@ -175,7 +182,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
         load_generator_weights(cfg, task, model, Path(ref["name_or_path"]), start)
     if n > 1 and dist.main:
         log.info("kept policy %d of %d: %s", k, n,
-                 ", ".join(f"{r['policy']}: FLOPs {r['flops_ratio']:.3f} drop bound {r['drop_upper_bound']:.4f}" for r in rows))
+                 ", ".join(f"{r['policy']}: FLOPs {r['flops_ratio']:.3f}" + _bound(r) for r in rows))
         for name, ckpt in (("best", load_checkpoint(cdir, "best")), ("last", load_checkpoint(cdir, "last"))):
             save_checkpoint(
                 run_dir, ckpt.build_policy(), rt.space, adopt_generator(ckpt.backbone_ref, run_dir), ckpt.step,

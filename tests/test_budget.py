@@ -12,7 +12,8 @@ from rlskip.train import main
 
 from test_train import TINY
 
-BUDGET = TINY + ["agent.policies=1", "constraint=budget", "constraint.budget=0.7", "constraint.budget_range=[0.4,1.0]"]
+# two policies, as the default trains: the kept one is selected at the run's own budget and copied up
+BUDGET = TINY + ["agent.policies=2", "constraint=budget", "constraint.budget=0.7", "constraint.budget_range=[0.4,1.0]"]
 TEXTS = ["reverse 1 2 3 4 5", "copy 7 1 1 2 1 7 5 6", "sort 3 1 2 9 0", "copy 4 4 2", "sort 9 8 7 6 5 4 3 2 1"]
 
 
@@ -60,7 +61,8 @@ def test_lower_budgets_never_cost_more_and_outside_the_range_is_refused(run):
 def test_tensorboard_has_curves_per_budget_bucket(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = set(EventAccumulator(str(run / "tb")).Reload().Tags()["scalars"])
+    kept = json.loads((run / "summary.json").read_text())["kept_policy"]  # each policy logs in its own directory
+    tags = set(EventAccumulator(str(run / "policies" / str(kept) / "tb")).Reload().Tags()["scalars"])
     buckets = {t for t in tags if t.startswith("budget/")}
     assert {"budget/0.6-0.7/quality", "budget/0.6-0.7/flops_ratio"} <= buckets, sorted(buckets)
 
