@@ -37,18 +37,12 @@ from rlskip.plan import Plan
 from rlskip.runtime import register_runtime
 from rlskip.runtime.base import ClassifyOutput, ModelDims, Observation, Runtime
 from rlskip.runtime.cache import KVCache
-from rlskip.runtime.rows import on_rows, pack_tokens, pick, repeat_rows, row_sets
+from rlskip.runtime.rows import on_rows, pack_tokens, pick, repeat_rows, row_sets, split_heads as _heads
 from rlskip.space import SkipSpace
 
 # model types whose modeling files compute exactly what this runtime does (others reuse the module names but
 # add embedding scales, norm offsets, q/k norms or fused projections)
 MODEL_TYPES = ("llama", "qwen2", "mistral")
-
-
-def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``[rows, len, n_heads * head_dim] -> [rows, n_heads, len, head_dim]``."""
-    b, s, _ = x.shape
-    return x.view(b, s, n_heads, -1).transpose(1, 2)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

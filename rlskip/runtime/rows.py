@@ -75,3 +75,15 @@ def pack_tokens(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tenso
 def key_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """Boolean key-padding mask ``[batch, 1, 1, len]`` for SDPA, or None when nothing is padded."""
     return None if bool(mask.all()) else mask[:, None, None, :]
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[rows, len, n_heads * head_dim] -> [rows, n_heads, len, head_dim]``."""
+    b, s, _ = x.shape
+    return x.view(b, s, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[rows, n_heads, len, head_dim] -> [rows, len, n_heads * head_dim]``."""
+    b, h, s, dh = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * dh)

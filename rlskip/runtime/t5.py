@@ -31,19 +31,8 @@ from rlskip.plan import Plan
 from rlskip.runtime import register_runtime
 from rlskip.runtime.base import ClassifyOutput, ModelDims, Observation, Runtime
 from rlskip.runtime.cache import KVCache
-from rlskip.runtime.rows import key_mask, on_rows, pack_tokens, pick, repeat_rows, row_sets
+from rlskip.runtime.rows import key_mask, on_rows, pack_tokens, pick, repeat_rows, row_sets, merge_heads as _merge, split_heads as _heads
 from rlskip.space import SkipSpace
-
-
-def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``[b, s, heads * d] -> [b, heads, s, d]``."""
-    b, s, d = x.shape
-    return x.view(b, s, n_heads, d // n_heads).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    b, h, s, dh = x.shape
-    return x.transpose(1, 2).reshape(b, s, h * dh)
 
 
 def _pick_shared(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
