@@ -212,3 +212,31 @@ def test_block_influence_orders_a_static_pruning_path():
     path = influence_static_path(ex, EvalData.encode(ex, ["hello there", "a longer input text", "short"]), 0.5)
     ratios = [p["flops_ratio"] for p in path]
     assert ratios[0] == 1.0 and all(b < a for a, b in zip(ratios, ratios[1:])) and ratios[-1] <= 0.5 < ratios[-2]
+
+
+def test_a_gguf_that_is_not_a_model_and_a_policy_of_another_backbone_fail_in_one_line(tmp_path):
+    import copy
+
+    from rlskip.backbone import load_backbone
+    from rlskip.checkpoint import load_checkpoint, make_backbone_ref, save_checkpoint, verify_backbone
+    from rlskip.policy import SkipPolicy
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + b"\x00" * 60)  # the magic, then nothing a reader can use
+    for path in (fake, tmp_path / "missing.gguf"):
+        with pytest.raises(ValueError) as e:
+            load_backbone(str(path), "lm")
+        assert len(str(e.value).splitlines()) == 1 and path.name in str(e.value)
+
+    model = CASES["llama-tiny"].model
+    rt = get_runtime(model)
+    ref = make_backbone_ref(model, rt.family, name_or_path="llama-tiny")
+    save_checkpoint(tmp_path / "run", SkipPolicy(rt.dims.d_model, rt.space.n_bits), rt.space, ref, step=1)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    with pytest.raises(ValueError) as e:
+        verify_backbone(load_checkpoint(tmp_path / "run"), other)
+    assert len(str(e.value).splitlines()) == 1 and "trained on backbone llama-tiny" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # nothing written or lost
