@@ -6,8 +6,8 @@ threshold whose quality drop, taken at a one-sided upper confidence bound (:func
 the run's constraint.
 
 Many thresholds give the very same plans (a trained policy's logits are saturated), so the instances are
-observed once and every distinct set of plans is executed once (:class:`PlanRunner`), split over the ranks of a
-data-parallel job.
+observed once and each instance is executed once per distinct plan it gets (:class:`PlanRunner`), split over the
+ranks of a data-parallel job.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rlskip.distributed import current, gather
 from rlskip.evaluation import EvalData, MethodResult, score_outputs
 from rlskip.execute import Executor
 from rlskip.methods import PlanSource, budget_plans, full_model, policy_plans
+from rlskip.plan import Plan
 
 # keep thresholds tried by calibration: 0.5 and then 1.4x apart down to 1e-9. A policy trained long enough
 # has saturated logits, and its cheapest safe threshold can lie far below 0.001; the sigmoid of any logit the
@@ -65,7 +66,9 @@ def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], co
 
 
 class PlanRunner:
-    """Runs plan sources over fixed instances: observed once, and each distinct set of plans executed once. In a
+    """Runs plan sources over fixed instances: observed once, each distinct set of plans scored once, and each
+    instance executed once per distinct plan of its own: a source whose plans differ from an earlier one's in a
+    few rows runs only those rows (the runtime gives a row in any batch what it gives it alone). In a
     data-parallel job each rank runs every ``world``-th batch and the outputs are gathered."""
 
     def __init__(self, ex: Executor, task, data: EvalData, batch_size: int = 64) -> None:
@@ -74,6 +77,27 @@ class PlanRunner:
         self.mine = list(range(self.dist.rank, len(batches), self.dist.world))
         self.batches = [ex.observe(batches[i][1]) for i in self.mine]
         self._done: dict[str, MethodResult] = {}
+        self._rows: dict[tuple[int, int, bytes], tuple] = {}  # (batch, row, its plan and cost) -> (prediction, FLOPs ratio)
+
+    def _run_batch(self, i: int, obs, plan: Plan, cost: torch.Tensor) -> tuple[list, list[float]]:
+        """One batch's predictions and FLOPs ratios, executing only the rows whose plan was not run before."""
+        keep = plan.token_keep
+        keys = [
+            plan.bits[r].numpy().tobytes() + (b"-" if keep is None else keep[r].numpy().tobytes()) + cost[r].numpy().tobytes()
+            for r in range(plan.bits.shape[0])
+        ]
+        todo = [r for r, k in enumerate(keys) if (i, r, k) not in self._rows]
+        if todo:
+            whole = len(todo) == len(keys)
+            out = self.ex.run(
+                obs if whole else obs.rows(todo),
+                plan if whole else Plan(plan.space, plan.bits[todo], None if keep is None else keep[todo]),
+                cost if whole else cost[todo],
+            )
+            for r, pred, ratio in zip(todo, out.predictions, out.flops_ratio.tolist()):
+                self._rows[(i, r, keys[r])] = (pred, ratio)
+        rows = [self._rows[(i, r, k)] for r, k in enumerate(keys)]
+        return [p for p, _ in rows], [f for _, f in rows]
 
     def __call__(self, source: PlanSource) -> MethodResult:
         decided = [source(obs) for obs in self.batches]
@@ -87,8 +111,7 @@ class PlanRunner:
         if key not in self._done:
             outs = {}
             for i, obs, (plan, cost) in zip(self.mine, self.batches, decided):
-                out = self.ex.run(obs, plan, cost)
-                outs[i] = (out.predictions, out.flops_ratio.tolist())
+                outs[i] = self._run_batch(i, obs, plan, torch.as_tensor(cost, dtype=torch.float64).reshape(-1).expand(plan.bits.shape[0]))
             merged = {i: o for part in gather(outs, self.dist) for i, o in part.items()}
             preds = [p for i in sorted(merged) for p in merged[i][0]]
             ratios = [r for i in sorted(merged) for r in merged[i][1]]

@@ -134,3 +134,20 @@ def test_plan_runner_observes_once_and_runs_each_distinct_set_of_plans_once(tiny
     skip[0] = False
     other = runner(static_plan(ex.space, skip))
     assert len(runs) == 4 and other.flops_ratio < full.flops_ratio
+    # a source whose plans differ from the full model's in one row runs that row alone, and scores as a fresh run
+    from rlskip.plan import Plan
+
+    rows_run = []
+    counted = ex.run
+    ex.run = lambda obs, plan, *a, **k: rows_run.append(plan.bits.shape[0]) or counted(obs, plan, *a, **k)
+
+    def one_row_skips(obs):
+        bits = torch.ones(obs.batch_size, ex.space.n_bits, dtype=torch.bool)
+        if obs.batch_size == 2:
+            bits[1, 1] = False  # a plan no source has run yet
+        return Plan(ex.space, bits), torch.zeros(obs.batch_size, dtype=torch.float64)
+
+    mixed = runner(one_row_skips)
+    assert rows_run == [1]  # only that row: the other rows' plans (all ones) ran before
+    fresh = PlanRunner(ex, Task(), data, batch_size=2)(one_row_skips)
+    assert mixed.per_item == fresh.per_item and mixed.per_item_flops_ratio == fresh.per_item_flops_ratio
