@@ -317,8 +317,12 @@ def test_ppo_runs_on_the_vec_env(model, tokenizer, task, examples, tmp_path):
 
     vec = make_vec(model, tokenizer, task, examples, num_envs=4, seed=7)
     agent = PPO("MultiInputPolicy", vec, n_steps=2, batch_size=8, n_epochs=1, seed=0, device="cpu")
-    agent.set_logger(configure(str(tmp_path), ["csv"]))  # SB3's default logger would leave a folder in /tmp
-    agent.learn(total_timesteps=8)
+    logger = configure(str(tmp_path), ["csv"])  # SB3's default logger would leave a folder in /tmp
+    agent.set_logger(logger)
+    try:
+        agent.learn(total_timesteps=8)
+    finally:
+        logger.close()  # its progress.csv, not left to the garbage collector
     assert agent.num_timesteps == 8 and vec.get_state()["episodes"] >= 8
 
 
