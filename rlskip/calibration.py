@@ -89,11 +89,7 @@ class PlanRunner:
         todo = [r for r, k in enumerate(keys) if (i, r, k) not in self._rows]
         if todo:
             whole = len(todo) == len(keys)
-            out = self.ex.run(
-                obs if whole else obs.rows(todo),
-                plan if whole else Plan(plan.space, plan.bits[todo], None if keep is None else keep[todo]),
-                cost if whole else cost[todo],
-            )
+            out = self.ex.run(obs if whole else obs.rows(todo), plan if whole else plan.rows(todo), cost if whole else cost[todo])
             for r, pred, ratio in zip(todo, out.predictions, out.flops_ratio.tolist()):
                 self._rows[(i, r, keys[r])] = (pred, ratio)
         rows = [self._rows[(i, r, k)] for r, k in enumerate(keys)]
