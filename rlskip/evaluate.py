@@ -101,7 +101,7 @@ def evaluate(args: DictConfig) -> dict:
     from rlskip.encoding import encoder_for
     from rlskip.envs.data import build_task, load_examples, with_task_defaults
     from rlskip.execute import Executor
-    from rlskip.evaluation import EvalData, greedy_static_search, influence_static_path, latency_ratio, run_method, static_at
+    from rlskip.evaluation import EvalData, latency_ratio, run_method, static_at, static_search_path
     from rlskip.checkpoint import load_checkpoint, verify_backbone
     from rlskip.inference import load
     from rlskip.methods import (
@@ -182,10 +182,7 @@ def evaluate(args: DictConfig) -> dict:
     def static_rows():
         target = min(r.flops_ratio for r in policy_rows)
         search = EvalData.encode(ex, train_ex[: cfg.eval.static_search_instances])
-        if cfg.eval.get("static_search", "greedy") == "influence":
-            path = influence_static_path(ex, search, min_flops_ratio=target)
-        else:
-            path = greedy_static_search(ex, task, search, min_flops_ratio=target)
+        path = static_search_path(ex, task, search, target, cfg.eval.get("static_search", "greedy"))
         out = []
         for (label, _), pr in zip(points, policy_rows):
             equal, _ = static_at(path, pr.flops_ratio)

@@ -188,6 +188,14 @@ def latency_ratio(
 
 
 # ---- the summary of a training run ---------------------------------------------------------------------
+def static_search_path(ex: Executor, task, data: EvalData, min_flops_ratio: float, how: str = "greedy") -> list[dict]:
+    """The static pruning path the config's ``eval.static_search`` names: ``greedy`` (:func:`greedy_static_search`)
+    or ``influence`` (:func:`influence_static_path`)."""
+    if how == "influence":
+        return influence_static_path(ex, data, min_flops_ratio=min_flops_ratio)
+    return greedy_static_search(ex, task, data, min_flops_ratio=min_flops_ratio)
+
+
 def final_evaluation(
     ex: Executor, task, eval_data: EvalData, search_data: EvalData, policy_method: Method, latency_instances: int,
     latency_batch: int, static_search: str = "greedy",
@@ -197,10 +205,7 @@ def final_evaluation(
     (``latency_ratio``) and FIFO batches (``latency_ratio_fifo``), and at batch 1."""
     full = run_method(ex, task, eval_data, planned(full_model(ex.space)))
     pol = run_method(ex, task, eval_data, policy_method)
-    if static_search == "influence":
-        path = influence_static_path(ex, search_data, min_flops_ratio=pol.flops_ratio)
-    else:
-        path = greedy_static_search(ex, task, search_data, min_flops_ratio=pol.flops_ratio)
+    path = static_search_path(ex, task, search_data, pol.flops_ratio, static_search)
     equal, above = static_at(path, pol.flops_ratio)
     static = run_method(ex, task, eval_data, planned(static_plan(ex.space, equal["bits"])))
     static_above = run_method(ex, task, eval_data, planned(static_plan(ex.space, above["bits"])))
