@@ -188,11 +188,12 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
             method = planned(policy_plans(learner.policy, rt.space, 0.5, at))
             logger.record("cost/latency_ratio", latency_ratio(ex, latency_data, method, cfg.eval.latency_batch, repeats=1))
         final = it == cfg.agent.iterations
+        checkpoint = it % cfg.log.checkpoint_every == 0 or final
         stats = learner.train_iteration(log=final or it % cfg.log.every == 0, image=final or it % (cfg.log.every * 10) == 0)
         learner.check_health()
         bar.update(1)
         bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['cost']:.3f}")
-        if (it % cfg.log.checkpoint_every == 0 or final) and dist.main:
+        if checkpoint and dist.main:
             if generator is not None:
                 ref = tuned_generator_ref(cfg, rt, tokenizer, cdir)
             files = learner.save(cdir)
@@ -201,7 +202,7 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
                 save_checkpoint(cdir, learner.policy, rt.space, ref, it, extra=stats, name="best")
             save_checkpoint(cdir, learner.policy, rt.space, ref, it, extra={**stats, "files": files, "best_reward": best}, name="last")
             prune(cdir)
-        if (it % cfg.log.checkpoint_every == 0 or final) and generator is not None:
+        if checkpoint and generator is not None:
             ref = gather(ref, dist)[0]  # rank 0 saved the tuned generator: every rank names its folder
     bar.close()
     logger.close()
