@@ -3,7 +3,9 @@
 Training optimises sampled plans; deployment keeps a unit where ``sigmoid(logit) >= threshold``. On calibration
 instances (held out of training and of the evaluation set), :func:`calibrate_threshold` picks the cheapest
 threshold whose quality drop, taken at a one-sided upper confidence bound (:func:`drop_upper_bound`), satisfies
-the run's constraint.
+the run's constraint. A higher threshold keeps a subset of what a lower one keeps, so the drop grows with the
+threshold up to sampling noise, and the threshold is found by bisection over a grid (a few runs of the
+calibration set instead of one per grid point).
 
 Many thresholds give the very same plans (a trained policy's logits are saturated), so the instances are
 observed once and each instance is executed once per distinct plan it gets (:class:`PlanRunner`), split over the
@@ -13,6 +15,7 @@ ranks of a data-parallel job.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Sequence
 
 import numpy as np
@@ -25,10 +28,14 @@ from rlskip.execute import Executor
 from rlskip.methods import PlanSource, budget_plans, full_model, policy_plans
 from rlskip.plan import Plan
 
-# keep thresholds tried by calibration: 0.5 and then 1.4x apart down to 1e-9. A policy trained long enough
-# has saturated logits, and its cheapest safe threshold can lie far below 0.001; the sigmoid of any logit the
-# policy produces in practice lies above the bottom, which keeps nearly everything.
-THRESHOLDS = tuple(float(f"{0.5 / 1.4**k:.3g}") for k in range(60))
+# keep thresholds calibration chooses from: 0.5 and then 1.4x apart down to 1e-9, mirrored above 0.5 up to
+# 1 - 1e-9, and logits -2 to 2 in steps of 0.1 between. A policy trained long enough has saturated logits: its
+# cheapest safe threshold can lie far below 0.001, and the plans it makes for a low requested budget may need a
+# threshold far above 0.999 to skip enough. One trained briefly has logits near 0, where the plans change most
+# between neighbouring thresholds.
+_LOW = {float(f"{0.5 / 1.4**k:.3g}") for k in range(60)}
+_NEAR = {float(f"{1.0 / (1.0 + math.exp(-k / 10)):.4g}") for k in range(-20, 21)}
+THRESHOLDS = tuple(sorted(_LOW | {1.0 - x for x in _LOW if x < 0.5} | _NEAR))
 
 
 def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], confidence: float) -> float:
@@ -124,28 +131,50 @@ def calibrate_threshold(
     Lower thresholds keep more. Returns the cheapest threshold whose outcome satisfies ``constraint`` with the
     quality drop taken at its one-sided upper confidence bound (:func:`drop_upper_bound` at ``confidence``): a
     threshold that only just passes on the calibration sample would fail on new data about half the time. For
-    a budget constraint, the most conservative threshold within the budget. If none qualifies, the most
-    conservative threshold. A budget-conditioned policy is calibrated at ``budget``. Returns
-    ``(threshold, table)``: one row per threshold tried.
+    a budget constraint, the most conservative threshold within the budget. If none qualifies, the safest
+    threshold (for quality the lowest, for a budget the highest). Found by bisection over the sorted
+    ``thresholds``, taking the outcome as monotone in the threshold (plans are nested). A budget-conditioned
+    policy is calibrated at ``budget``. Returns ``(threshold, table)``: one row per threshold tried, highest
+    first.
     """
     run = PlanRunner(ex, task, data)
     full = run(full_model(ex.space))
-    order = sorted(thresholds, reverse=not isinstance(constraint, Budget))  # search direction: see docstring
     table = []
-    for t in order:
+
+    def ok(t: float) -> bool:
         r = run(policy_plans(policy, ex.space, t, budget))
         drop_ucb = drop_upper_bound(full.per_item, r.per_item, confidence)
         # the handlers judge quality through the drop quality_full - quality: hand them a pair in [0, 1]
         # whose drop is the bound (|bound| <= 1)
         q, qf = max(0.0, -drop_ucb), max(0.0, drop_ucb)
-        ok = bool(constraint.satisfied(np.array([q]), np.array([qf]), np.array([r.flops_ratio]))[0])
+        passed = bool(constraint.satisfied(np.array([q]), np.array([qf]), np.array([r.flops_ratio]))[0])
         table.append({
             "threshold": t, "quality": r.quality, "quality_full": full.quality, "drop_upper_bound": drop_ucb,
-            "flops_ratio": r.flops_ratio, "satisfied": ok,
+            "flops_ratio": r.flops_ratio, "satisfied": passed,
         })
-        if ok:
-            return t, table
-    return min(thresholds), table
+        return passed
+
+    # bisection for the boundary between passing and failing thresholds, after checking that the safe end
+    # passes: for quality the lowest threshold (keeps the most), for a budget the highest (keeps the least)
+    order = sorted(thresholds)
+    lo, hi = 0, len(order) - 1
+    if isinstance(constraint, Budget):  # the lowest passing threshold
+        if not ok(order[hi]):
+            return order[hi], _by_threshold(table)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(order[mid]) else (mid + 1, hi)
+        return order[hi], _by_threshold(table)
+    if not ok(order[lo]):  # the highest passing threshold
+        return order[lo], _by_threshold(table)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(order[mid]) else (lo, mid - 1)
+    return order[lo], _by_threshold(table)
+
+
+def _by_threshold(table: list[dict]) -> list[dict]:
+    return sorted(table, key=lambda row: row["threshold"], reverse=True)
 
 
 def flops_upper_bound(ratios: Sequence[float], confidence: float) -> float:
@@ -158,12 +187,10 @@ def flops_upper_bound(ratios: Sequence[float], confidence: float) -> float:
     return float(r.mean() + t.ppf(confidence, r.numel() - 1) * r.std(unbiased=True) / r.numel() ** 0.5)
 
 
-# thresholds a budget-conditioned policy is calibrated over: the quality thresholds, and above 0.5 to skip more
-BUDGET_THRESHOLDS = tuple(sorted(set(THRESHOLDS) | {0.6, 0.7, 0.8, 0.9, 0.95, 0.99}))
 
 
 def calibrate_budgets(
-    ex: Executor, task, data: EvalData, policy, budgets: Sequence[float], thresholds: Sequence[float] = BUDGET_THRESHOLDS,
+    ex: Executor, task, data: EvalData, policy, budgets: Sequence[float], thresholds: Sequence[float] = THRESHOLDS,
     confidence: float = 0.95,
 ) -> tuple[dict[float, float], list[dict]]:
     """Thresholds of a budget-conditioned policy, one per budget of the grid ``budgets``: at each, the most

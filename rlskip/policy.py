@@ -19,6 +19,8 @@ gain 0.01).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributions import Bernoulli
@@ -256,10 +258,12 @@ class SkipPolicy(nn.Module):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         bit_logits, token_logits = self(pooled, tokens, token_mask, budget)
-        bits = torch.sigmoid(bit_logits) >= threshold
+        # compared as logits: a float32 sigmoid rounds every probability within ~6e-8 of 1 to 1.0
+        cut = math.log(threshold) - math.log1p(-threshold)
+        bits = bit_logits >= cut
         if token_logits is None:
             return bits, None
-        token_keep = torch.sigmoid(token_logits) >= threshold
+        token_keep = token_logits >= cut
         if token_mask is not None:
             token_keep |= ~token_mask
         return bits, token_keep

@@ -59,38 +59,77 @@ def test_graded_quality_gets_the_paired_t_bound_and_bad_confidence_is_refused():
         drop_upper_bound([], [], 0.9)
 
 
-def test_calibration_picks_the_cheapest_threshold_whose_bound_holds(monkeypatch):
-    """Failures per threshold on 512 instances: 0.5 -> 8, 0.2 -> 2, 0.1 -> 1, 0.05 -> 0. The mean drop is
-    within 1% from 0.5 on, but only at 0.1 does the 90% bound fall below 1%."""
-    n, fails = 512, {0.5: 8, 0.2: 2, 0.1: 1, 0.05: 0}
-    flops = {0.5: 0.4, 0.2: 0.45, 0.1: 0.5, 0.05: 0.6}
-
-    def result(k, f):
-        per = [0.0] * k + [1.0] * (n - k)
-        return MethodResult(quality=sum(per) / n, flops_ratio=f, per_item=per, per_item_flops_ratio=[f] * n, predictions=[])
-
+def _fake_runs(monkeypatch, outcome):
+    """Calibration without a model: ``outcome(threshold)`` -> MethodResult; returns the thresholds run, in order."""
+    ran = []
     monkeypatch.setattr(calibration, "full_model", lambda space: "full")
     monkeypatch.setattr(calibration, "policy_plans", lambda policy, space, t, budget=None: t)
 
-    class Runner:  # each threshold's outcome as given above, without a model
+    class Runner:
         def __init__(self, ex, task, data):
             pass
 
         def __call__(self, source):
-            return result(0, 1.0) if source == "full" else result(fails[source], flops[source])
+            if source != "full":
+                ran.append(source)
+            return outcome(source)
 
     monkeypatch.setattr(calibration, "PlanRunner", Runner)
+    return ran
 
-    class Ex:
-        space = None
 
-    t, table = calibrate_threshold(Ex(), None, None, None, Lexicographic(0.01), thresholds=tuple(fails))
+class _Ex:
+    space = None
+
+
+def _result(k, f, n=512):
+    per = [0.0] * k + [1.0] * (n - k)
+    return MethodResult(quality=sum(per) / n, flops_ratio=f, per_item=per, per_item_flops_ratio=[f] * n, predictions=[])
+
+
+def test_calibration_picks_the_cheapest_threshold_whose_bound_holds(monkeypatch):
+    """Failures per threshold on 512 instances: 0.5 -> 8, 0.2 -> 2, 0.1 -> 1, 0.05 -> 0. The mean drop is
+    within 1% from 0.5 on, but only at 0.1 does the 90% bound fall below 1%."""
+    fails = {0.5: 8, 0.2: 2, 0.1: 1, 0.05: 0}
+    flops = {0.5: 0.4, 0.2: 0.45, 0.1: 0.5, 0.05: 0.6}
+    _fake_runs(monkeypatch, lambda s: _result(0, 1.0) if s == "full" else _result(fails[s], flops[s]))
+    t, table = calibrate_threshold(_Ex(), None, None, None, Lexicographic(0.01), thresholds=tuple(fails))
     assert t == 0.1
-    assert [row["satisfied"] for row in table] == [False, False, True]
-    assert all(row["quality_full"] - row["quality"] <= 0.01 + 1e-12 for row in table[1:])  # the mean alone would pass 0.2
+    assert {row["threshold"]: row["satisfied"] for row in table} == {0.2: False, 0.1: True, 0.05: True}
+    assert [row["threshold"] for row in table] == sorted((row["threshold"] for row in table), reverse=True)
+    assert table[0]["quality_full"] - table[0]["quality"] <= 0.01  # the mean alone would pass 0.2
     # at confidence 0.5 (about the point estimate) the cheaper threshold passes
-    t, _ = calibrate_threshold(Ex(), None, None, None, Lexicographic(0.01), thresholds=tuple(fails), confidence=0.5)
+    t, _ = calibrate_threshold(_Ex(), None, None, None, Lexicographic(0.01), thresholds=tuple(fails), confidence=0.5)
     assert t == 0.2
+
+
+@pytest.mark.parametrize("boundary", [0, 1, 17, 59, 70, 80, 100, 130, -2, -1])
+def test_calibration_bisects_the_grid_in_a_few_runs(monkeypatch, boundary):
+    """On the default grid (from about 1e-9 to 1 - 1e-9, logit steps of 0.1 near 0.5) the search finds the
+    last passing threshold, whatever its place, in at most 9 runs of the calibration set; when even the safest
+    fails it returns the safest."""
+    grid = calibration.THRESHOLDS
+    assert 1 - 1e-8 < max(grid) < 1 and 0 < min(grid) < 1e-8 and len(grid) < 256
+    near = [g for g in grid if 0.4 <= g <= 0.6]
+    assert len(near) >= 8 and max(b - a for a, b in zip(near, near[1:])) < 0.03
+    ran = _fake_runs(monkeypatch, lambda s: _result(0, 1.0) if s == "full" else _result(0 if s <= grid[boundary] else 20, s))
+    t, table = calibrate_threshold(_Ex(), None, None, None, Lexicographic(0.01))
+    assert t == grid[boundary] and len(ran) <= 9 and len(set(ran)) == len(ran)
+    ran = _fake_runs(monkeypatch, lambda s: _result(0, 1.0) if s == "full" else _result(20, s))
+    assert calibrate_threshold(_Ex(), None, None, None, Lexicographic(0.01))[0] == min(grid) and len(ran) == 1
+
+
+def test_budget_calibration_bisects_for_the_most_conservative_threshold_within_budget(monkeypatch):
+    """A fixed budget: FLOPs fall as the threshold rises; the answer is the lowest threshold within budget."""
+    from rlskip.constraints import Budget
+
+    grid = calibration.THRESHOLDS
+    ratio = {t: 1.0 - i / len(grid) for i, t in enumerate(grid)}  # 1.0 at the bottom, falling
+    ran = _fake_runs(monkeypatch, lambda s: _result(0, 1.0) if s == "full" else _result(0, ratio[s]))
+    t, _ = calibrate_threshold(_Ex(), None, None, None, Budget(0.6))
+    assert t == min(g for g in grid if ratio[g] <= 0.6) and len(ran) <= 9
+    t, _ = calibrate_threshold(_Ex(), None, None, None, Budget(0.001))  # no threshold fits: the strictest
+    assert t == max(grid)
 
 
 def test_calibration_instances_are_held_out_of_training():

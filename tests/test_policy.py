@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -95,6 +97,21 @@ def test_initial_keep_probability_is_about_095_at_any_input_scale():
     pol = SkipPolicy(D, BITS)
     bits, keep = pol.decide(*_inputs())
     assert bits.all() and keep.all()
+
+
+def test_decisions_follow_the_threshold_even_where_float32_sigmoid_saturates():
+    """keep iff sigmoid(logit) >= threshold, judged exactly: logits 20 and 25 both round to sigmoid 1.0 in
+    float32, yet a threshold of 1 - 1e-10 (logit 23.03) keeps the second only; elsewhere as the sigmoid says."""
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS)
+    logits = torch.tensor([[-25.0, -20.0, -3.0, -0.1, 0.0, 0.1, 3.0, 20.0, 25.0, 40.0]]).expand(3, BITS)
+    pol.forward = lambda *a, **k: (logits, torch.where(mask, 25.0, -25.0))
+    for t in (1e-10, 1e-3, 0.3, 0.5, 0.7, 0.999, 1 - 1e-10):
+        bits, keep = pol.decide(pooled, tokens, mask, threshold=t)
+        exact = torch.tensor([1 / (1 + math.exp(-x)) >= t for x in logits[0].tolist()])
+        assert torch.equal(bits[0], exact), t
+        assert keep.all()  # positions outside the mask kept, the others at logit 25 (sigmoid 1 - 1.4e-11)
+    assert pol.decide(pooled, tokens, mask, threshold=1 - 1e-10)[0][0].tolist() == [False] * 8 + [True] * 2
 
 
 def test_budget_input_changes_the_outputs_and_is_required():

@@ -50,7 +50,7 @@ def select_policy(constraint, rows: list[dict]) -> int:
     """Index of the policy whose calibrated deterministic plans do best under the run's constraint.
 
     ``rows`` are the calibration rows at each policy's chosen threshold (see
-    :func:`rlskip.evaluation.calibrate_threshold`). For a budget: within the budget first, then the highest
+    :func:`rlskip.calibration.calibrate_threshold`). For a budget: within the budget first, then the highest
     quality (the cheapest when none is within). Otherwise: the quality constraint (at its confidence bound)
     satisfied first, then the fewest FLOPs (the smallest drop bound when none satisfies it).
     """
