@@ -187,6 +187,21 @@ def latency_ratio(
     return statistics.median(t_method) / statistics.median(t_full)
 
 
+def fidelity(task, predictions: list, full_predictions: list) -> float:
+    """Agreement with the full model's own outputs: the task's metric with those outputs as the references
+    (ROUGE-L for a ROUGE-scored task; label agreement, exact match or SQuAD F1 otherwise)."""
+    from rlskip.metrics import get_metric
+
+    base = "rougeL" if task.metric.startswith("rouge") else task.metric
+    scores = get_metric(base)(predictions, full_predictions)
+    return sum(scores) / max(len(scores), 1)
+
+
+def reported_metrics(task, data: "EvalData", result: MethodResult) -> dict[str, float]:
+    """Every metric the task reports (e.g. ROUGE-1/2/L/Lsum, SQuAD EM and F1), as means over ``data``."""
+    return {name: sum(v) / max(len(v), 1) for name, v in task.score_all(result.predictions, list(data.examples)).items()}
+
+
 # ---- the summary of a training run ---------------------------------------------------------------------
 def static_search_path(ex: Executor, task, data: EvalData, min_flops_ratio: float, how: str = "greedy") -> list[dict]:
     """The static pruning path the config's ``eval.static_search`` names: ``greedy`` (:func:`greedy_static_search`)
@@ -202,7 +217,8 @@ def final_evaluation(
 ) -> dict:
     """The policy against the full model on held-out data, the best static plans found on ``search_data`` at
     and just above the policy's FLOPs, and the measured latency ratio: batched with plan-aware batching
-    (``latency_ratio``) and FIFO batches (``latency_ratio_fifo``), and at batch 1."""
+    (``latency_ratio``) and FIFO batches (``latency_ratio_fifo``), and at batch 1; the policy's and the static
+    plan's fidelity to the full model's own outputs, and every metric the task reports for the three."""
     full = run_method(ex, task, eval_data, planned(full_model(ex.space)))
     pol = run_method(ex, task, eval_data, policy_method)
     path = static_search_path(ex, task, search_data, pol.flops_ratio, static_search)
@@ -225,4 +241,7 @@ def final_evaluation(
         "static_quality_next_above": static_above.quality, "static_flops_ratio_next_above": static_above.flops_ratio,
         "static_skipped": [ex.space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()],
         "quality_by_group": {"full": full.by_group, "policy": pol.by_group, "static": static.by_group},
+        "fidelity": fidelity(task, pol.predictions, full.predictions),
+        "static_fidelity": fidelity(task, static.predictions, full.predictions),
+        "metrics": {name: reported_metrics(task, eval_data, r) for name, r in (("full", full), ("policy", pol), ("static", static))},
     }

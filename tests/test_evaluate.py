@@ -93,3 +93,21 @@ def test_random_keep_probability_is_calibrated_to_the_target_ratio():
     assert abs(ratio(p) - 0.6) < 0.03 and len(calls) <= 3
     assert calibrate_keep_prob(lambda p: 1.0, target=1.2, floor=0.2) == 1.0
     assert calibrate_keep_prob(lambda p: 0.2 + 0.8 * p, 0.1, 0.2) == 0.0  # below the floor: skip all
+
+
+def test_fidelity_scores_outputs_against_the_full_models_own_outputs():
+    """ROUGE-scored tasks: ROUGE-L (rouge-score's own F-measure) to the full model's text; otherwise the task's
+    metric, e.g. label agreement for a classifier."""
+    from types import SimpleNamespace
+
+    from rouge_score import rouge_scorer
+
+    from rlskip.evaluation import fidelity
+
+    full = ["the cat sat on the mat", "rain is expected tomorrow in the north"]
+    pred = ["the cat sat on the mat", "tomorrow brings rain to the south"]
+    judge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    want = sum(judge.score(f, p)["rougeL"].fmeasure for f, p in zip(full, pred)) / 2
+    assert fidelity(SimpleNamespace(metric="rouge2"), pred, full) == pytest.approx(want)
+    assert fidelity(SimpleNamespace(metric="rougeL"), full, full) == 1.0
+    assert fidelity(SimpleNamespace(metric="accuracy"), [0, 1, 1, 0], [0, 1, 0, 0]) == 0.75

@@ -44,8 +44,11 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
         assert (run / name).is_file(), name
     assert (run / "generator" / "config.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("quality_full", "quality", "flops_ratio", "latency_ratio", "static_quality_at_equal_flops"):
+    for key in ("quality_full", "quality", "flops_ratio", "latency_ratio", "static_quality_at_equal_flops", "fidelity"):
         assert isinstance(summary[key], float), key
+    assert summary["metrics"]["policy"] == {"exact_match": summary["quality"]}  # the task reports its one metric
+    assert summary["metrics"]["full"] == {"exact_match": summary["quality_full"]}
+    assert 0.0 <= summary["fidelity"] <= 1.0
 
     # the default trains two policies, each in its own directory, and keeps the one calibration prefers
     rows = summary["policies"]
