@@ -7,9 +7,12 @@ training (REINFORCE, 32 rollouts per process and iteration, the default's batch)
 the 1-process throughput, each process rolling out the default's 32 per iteration (a global batch of 64: data
 parallelism adds rollouts per update). ``scaling_efficiency_same_global_batch`` splits the default's 32 over the
 two processes instead (16 each): a batch of 16 decodes nearly as slowly as one of 32 on a model this small, so
-that split gains little. The machine should be otherwise idle: two processes need both cores.
+that split gains little. ``hardware_efficiency`` runs two independent 1-process trainings at the same time (no
+communication at all) and compares their summed throughput with twice one alone: what the two cores give
+without any distributed training, the ceiling of ``scaling_efficiency`` here; ``scaling_efficiency_over_hardware``
+is the 2-process throughput over that ceiling. The machine should be otherwise idle: two processes need both cores.
 
-    python bench/distributed.py            # about 6 minutes on 2 cores
+    python bench/distributed.py            # about 8 minutes on 2 cores
     python bench/distributed.py --quick    # fewer iterations
 
 Prints one JSON object as its last line (``instances_per_s_1proc``, ``instances_per_s_2proc``,
@@ -31,17 +34,27 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent
 
 
-def train(args: list[str], procs: int, run_dir: Path) -> dict:
+def start(args: list[str], procs: int, run_dir: Path) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if procs == 1:
         cmd = [sys.executable, "-m", "rlskip.train"]
     else:
         cmd = [str(VENV / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "-m", "rlskip.train"]
-    proc = subprocess.run(cmd + args + [f"run_dir={run_dir}", "log.progress=false"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.Popen(cmd + args + [f"run_dir={run_dir}", "log.progress=false"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, run_dir
+
+
+def finish(started: tuple[subprocess.Popen, Path], procs: int) -> dict:
+    proc, run_dir = started
+    _, err = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"training with {procs} process(es) failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"training with {procs} process(es) failed:\n{err[-3000:]}")
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def train(args: list[str], procs: int, run_dir: Path) -> dict:
+    return finish(start(args, procs, run_dir), procs)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
         for procs, batch in ((1, 32), (2, 64), (2, 32)):
             summary = train(policy + [f"agent.n_envs={batch}"], procs, work / f"p{procs}-{batch}")
             rates[procs, batch] = batch * iterations / summary["seconds"]["policy"]
+        # the machine's own ceiling: two independent 1-process trainings at once, no communication at all
+        pair = [start(policy + ["agent.n_envs=32", f"seed={i}"], 1, work / f"independent-{i}") for i in range(2)]
+        independent = sum(32 * iterations / finish(p, 1)["seconds"]["policy"] for p in pair)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
@@ -72,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
         "scaling_efficiency": round(rates[2, 64] / (2 * rates[1, 32]), 4),
         "instances_per_s_2proc_same_global_batch": round(rates[2, 32], 2),
         "scaling_efficiency_same_global_batch": round(rates[2, 32] / (2 * rates[1, 32]), 4),
+        "instances_per_s_2_independent_1proc": round(independent, 2),
+        "hardware_efficiency": round(independent / (2 * rates[1, 32]), 4),
+        "scaling_efficiency_over_hardware": round(rates[2, 64] / independent, 4),
         "iterations": iterations, "batch_per_process": 32, "load_average_at_start": load,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,24 @@ def test_ppo_refuses_to_train_data_parallel_and_devices_are_checked():
             resolve_device("cuda:1")
     with pytest.raises(ValueError, match=r"device='gpu', expected cpu, cuda, cuda:<index> or auto"):
         compose(["device=gpu"])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_get_equal_shares_of_the_batch_dealt_by_source_length(world):
+    """The shares partition the batch, are equal in size, keep the stream's order, and hold about the same
+    total length: each rank's total is within one longest instance of every other's."""
+    from types import SimpleNamespace
+
+    from rlskip.envs.vec_env import SkipVecEnv
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=200).tolist()
+    env = SimpleNamespace(rollout=SimpleNamespace(source_ids=[[0] * n for n in lengths]))
+    drawn = [{"index": int(i)} for i in rng.permutation(200)[: 8 * world]]
+    shares = [SkipVecEnv._dealt(env, drawn, r, world) for r in range(world)]
+    assert sorted(j for s in shares for j in s) == list(range(len(drawn)))
+    assert all(len(s) == 8 and s == sorted(s) for s in shares)
+    totals = [sum(lengths[drawn[j]["index"]] for j in s) for s in shares]
+    assert max(totals) - min(totals) <= max(lengths)
+    contiguous = [sum(lengths[d["index"]] for d in drawn[r * 8 : (r + 1) * 8]) for r in range(world)]
+    assert max(totals) - min(totals) <= max(contiguous) - min(contiguous)

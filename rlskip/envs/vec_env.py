@@ -61,8 +61,8 @@ class SkipVecEnv(RolloutFront, VecEnv):
         group_size: slots per drawn instance (a divisor of ``num_envs``); a group's slots share the instance
             and the budget, and ``set_options`` applies to a group through its first slot.
         shard: ``(rank, world)`` of a data-parallel job: every step draws ``world * num_envs`` slots from the one
-            stream and this environment keeps slice ``rank``, so the ranks together step what one environment of
-            ``world * num_envs`` slots would.
+            stream and this environment keeps rank ``rank``'s share, dealt by source length (:meth:`_dealt`),
+            so the ranks together step what one environment of ``world * num_envs`` slots would.
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class SkipVecEnv(RolloutFront, VecEnv):
     # -- episodes -----------------------------------------------------------------------------------
     def _draw(self, options: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Slots for the next step: one draw per group (its first slot's options), repeated over the group. A
-        shard draws the whole data-parallel batch from the shared stream and keeps its own slice."""
+        shard draws the whole data-parallel batch from the shared stream and keeps its own share (:meth:`_dealt`)."""
         k, (rank, world) = self.group_size, self.shard
         options = list(options)[::k]
         if world > 1:
@@ -141,8 +141,19 @@ class SkipVecEnv(RolloutFront, VecEnv):
                 raise ValueError("per-slot options (index, budget) are not supported in a sharded environment")
             options = options * world
         drawn, self._episodes = self.rollout.draw(self._seed, self._episodes, options)
-        per_rank = len(drawn) // world
-        return [dict(slot) for slot in drawn[rank * per_rank : (rank + 1) * per_rank] for _ in range(k)]
+        if world > 1:
+            drawn = [drawn[j] for j in self._dealt(drawn, rank, world)]
+        return [dict(slot) for slot in drawn for _ in range(k)]
+
+    def _dealt(self, drawn: list[dict[str, Any]], rank: int, world: int) -> list[int]:
+        """This rank's share of the data-parallel batch ``drawn``: the instances sorted by source length (longest
+        first) and dealt out snake-wise (0, 1, ..., w-1, w-1, ..., 0, ...), in the stream's order. Every step
+        waits for the slowest rank, and a rollout's time grows with its longest instance: dealt this way, each
+        rank gets about the same mix of lengths instead of whatever a contiguous slice holds."""
+        length = [len(self.rollout.source_ids[slot["index"]]) for slot in drawn]
+        order = sorted(range(len(drawn)), key=lambda j: (-length[j], j))
+        mine = [j for p, j in enumerate(order) if (p % world if (p // world) % 2 == 0 else world - 1 - p % world) == rank]
+        return sorted(mine)
 
     def _load(self, slots: list[dict[str, Any]]) -> VecEnvObs:
         """Put instances in the slots and observe them in one batched call."""
