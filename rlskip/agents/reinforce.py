@@ -116,13 +116,14 @@ class Reinforce(Learner):
 
     def _noise(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This iteration's sampling uniforms for this rank's rows: drawn for the whole (global) batch from a
-        generator seeded by the learner's seed and the iteration, and cut by rank, so N processes sample what one
-        would, and a resumed run what an uninterrupted one does."""
+        generator seeded by the learner's seed and the iteration, and taken at this rank's rows of it
+        (``SkipVecEnv.global_rows``), so N processes sample what one would, and a resumed run what an
+        uninterrupted one does."""
         d = self.dist
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
-        lo = d.rank * rows
-        bits = torch.rand(rows * d.world, self.policy.n_bits, generator=g)[lo : lo + rows]
-        tokens = torch.rand(rows * d.world, width, generator=g)[lo : lo + rows] if self.policy.token_head else None
+        at = torch.tensor(self.env.global_rows()) if hasattr(self.env, "global_rows") else torch.arange(rows) + d.rank * rows
+        bits = torch.rand(rows * d.world, self.policy.n_bits, generator=g)[at]
+        tokens = torch.rand(rows * d.world, width, generator=g)[at] if self.policy.token_head else None
         return bits, tokens
 
     def train_iteration(self, log: bool = False, image: bool = False) -> dict[str, float]:

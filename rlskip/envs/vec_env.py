@@ -141,9 +141,15 @@ class SkipVecEnv(RolloutFront, VecEnv):
                 raise ValueError("per-slot options (index, budget) are not supported in a sharded environment")
             options = options * world
         drawn, self._episodes = self.rollout.draw(self._seed, self._episodes, options)
-        if world > 1:
-            drawn = [drawn[j] for j in self._dealt(drawn, rank, world)]
-        return [dict(slot) for slot in drawn for _ in range(k)]
+        mine = self._dealt(drawn, rank, world) if world > 1 else range(len(drawn))
+        # "row": the slot's place in the whole batch, as one process of world * num_envs slots would hold it
+        return [dict(drawn[j], row=j * k + i) for j in mine for i in range(k)]
+
+    def global_rows(self) -> list[int]:
+        """Each slot's place in the whole data-parallel batch (``range(num_envs)`` in one process): a learner
+        draws its sampling noise for the whole batch and takes these rows, so N ranks sample what one would."""
+        rank = self.shard[0]
+        return [int(slot.get("row", rank * self.num_envs + i)) for i, slot in enumerate(self._slots)]
 
     def _dealt(self, drawn: list[dict[str, Any]], rank: int, world: int) -> list[int]:
         """This rank's share of the data-parallel batch ``drawn``: the instances sorted by source length (longest
