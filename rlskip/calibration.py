@@ -187,8 +187,6 @@ def flops_upper_bound(ratios: Sequence[float], confidence: float) -> float:
     return float(r.mean() + t.ppf(confidence, r.numel() - 1) * r.std(unbiased=True) / r.numel() ** 0.5)
 
 
-
-
 def calibrate_budgets(
     ex: Executor, task, data: EvalData, policy, budgets: Sequence[float], thresholds: Sequence[float] = THRESHOLDS,
     confidence: float = 0.95,

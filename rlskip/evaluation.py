@@ -21,6 +21,7 @@ from rlskip.batching import POOL_BATCHES, run_pool
 from rlskip.distributed import current, gather
 from rlskip.execute import Executor
 from rlskip.methods import Method, full_model, planned, static_plan
+from rlskip.metrics import get_metric
 from rlskip.plan import Plan
 
 
@@ -190,8 +191,6 @@ def latency_ratio(
 def fidelity(task, predictions: list, full_predictions: list) -> float:
     """Agreement with the full model's own outputs: the task's metric with those outputs as the references
     (ROUGE-L for a ROUGE-scored task; label agreement, exact match or SQuAD F1 otherwise)."""
-    from rlskip.metrics import get_metric
-
     base = "rougeL" if task.metric.startswith("rouge") else task.metric
     scores = get_metric(base)(predictions, full_predictions)
     return sum(scores) / max(len(scores), 1)
