@@ -154,19 +154,12 @@ def calibrate_threshold(
         })
         return passed
 
-    # bisection for the boundary between passing and failing thresholds, after checking that the safe end
-    # passes: for quality the lowest threshold (keeps the most), for a budget the highest (keeps the least)
-    order = sorted(thresholds)
-    lo, hi = 0, len(order) - 1
-    if isinstance(constraint, Budget):  # the lowest passing threshold
-        if not ok(order[hi]):
-            return order[hi], _by_threshold(table)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if ok(order[mid]) else (mid + 1, hi)
-        return order[hi], _by_threshold(table)
-    if not ok(order[lo]):  # the highest passing threshold
-        return order[lo], _by_threshold(table)
+    # bisection for the boundary between passing and failing thresholds, from the safe end: for quality the
+    # lowest threshold (keeps the most), for a budget the highest (keeps the least); if it fails, it is returned
+    order = sorted(thresholds, reverse=isinstance(constraint, Budget))
+    if not ok(order[0]):
+        return order[0], _by_threshold(table)
+    lo, hi = 0, len(order) - 1  # order[lo] passes; find the last that does
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if ok(order[mid]) else (lo, mid - 1)
