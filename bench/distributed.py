@@ -12,8 +12,13 @@ communication at all) and compares their summed throughput with twice one alone:
 without any distributed training, the ceiling of ``scaling_efficiency`` here; ``scaling_efficiency_over_hardware``
 is the 2-process throughput over that ceiling. The machine should be otherwise idle: two processes need both cores.
 
-    python bench/distributed.py            # about 8 minutes on 2 cores
-    python bench/distributed.py --quick    # fewer iterations
+Each measurement is a few seconds of policy training, and one 1-process run can come out 15% faster or slower
+than the next on this machine; so the 1- and 2-process runs are repeated (``--repeats``, alternating, one pair
+after the other) and every figure is the median over the repeats, with each pair's own efficiency listed
+(``scaling_efficiency_pairs``) to show the spread.
+
+    python bench/distributed.py            # about 12 minutes on 2 cores
+    python bench/distributed.py --quick    # fewer iterations, about 7 minutes
 
 Prints one JSON object as its last line (``instances_per_s_1proc``, ``instances_per_s_2proc``,
 ``scaling_efficiency``) and writes it to ``--out``.
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,9 +66,12 @@ def train(args: list[str], procs: int, run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating 1- and 2-process runs; figures are medians")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed.json")
     args = ap.parse_args(argv)
-    iterations = 30 if args.quick else 80
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    iterations = 60 if args.quick else 150
     load = os.getloadavg()[0]  # another job on the cores distorts both runs
     work = Path(tempfile.mkdtemp(prefix="rlskip-dist-"))
     try:
@@ -74,24 +83,28 @@ def main(argv: list[str] | None = None) -> dict:
             "agent.policies=1", "log.latency_every=100000", f"log.checkpoint_every={iterations}", "eval.limit=16",
             "eval.static_search_instances=8", "eval.latency_instances=8", "eval.calibration_instances=64",
         ]
-        rates = {}
-        for procs, batch in ((1, 32), (2, 64), (2, 32)):
-            summary = train(policy + [f"agent.n_envs={batch}"], procs, work / f"p{procs}-{batch}")
-            rates[procs, batch] = batch * iterations / summary["seconds"]["policy"]
-        # the machine's own ceiling: two independent 1-process trainings at once, no communication at all
-        pair = [start(policy + ["agent.n_envs=32", f"seed={i}"], 1, work / f"independent-{i}") for i in range(2)]
-        independent = sum(32 * iterations / finish(p, 1)["seconds"]["policy"] for p in pair)
+        rates: dict[tuple[int, int], list[float]] = {(1, 32): [], (2, 64): [], (2, 32): [], (0, 32): []}
+        for r in range(args.repeats):
+            for procs, batch in ((1, 32), (2, 64), (2, 32)):
+                summary = train(policy + [f"agent.n_envs={batch}"], procs, work / f"p{procs}-{batch}-{r}")
+                rates[procs, batch].append(batch * iterations / summary["seconds"]["policy"])
+            # the machine's own ceiling: two independent 1-process trainings at once, no communication at all
+            pair = [start(policy + ["agent.n_envs=32", f"seed={i}"], 1, work / f"independent-{i}-{r}") for i in range(2)]
+            rates[0, 32].append(sum(32 * iterations / finish(p, 1)["seconds"]["policy"] for p in pair))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    one, two, same, independent = (statistics.median(rates[k]) for k in ((1, 32), (2, 64), (2, 32), (0, 32)))
     result = {
-        "instances_per_s_1proc": round(rates[1, 32], 2), "instances_per_s_2proc": round(rates[2, 64], 2),
-        "scaling_efficiency": round(rates[2, 64] / (2 * rates[1, 32]), 4),
-        "instances_per_s_2proc_same_global_batch": round(rates[2, 32], 2),
-        "scaling_efficiency_same_global_batch": round(rates[2, 32] / (2 * rates[1, 32]), 4),
+        "instances_per_s_1proc": round(one, 2), "instances_per_s_2proc": round(two, 2),
+        "scaling_efficiency": round(two / (2 * one), 4),
+        "scaling_efficiency_pairs": [round(b / (2 * a), 4) for a, b in zip(rates[1, 32], rates[2, 64])],
+        "instances_per_s_2proc_same_global_batch": round(same, 2),
+        "scaling_efficiency_same_global_batch": round(same / (2 * one), 4),
         "instances_per_s_2_independent_1proc": round(independent, 2),
-        "hardware_efficiency": round(independent / (2 * rates[1, 32]), 4),
-        "scaling_efficiency_over_hardware": round(rates[2, 64] / independent, 4),
-        "iterations": iterations, "batch_per_process": 32, "load_average_at_start": load,
+        "hardware_efficiency": round(independent / (2 * one), 4),
+        "scaling_efficiency_over_hardware": round(two / independent, 4),
+        "instances_per_s_runs": {f"{p}proc_batch{b}" if p else "2_independent": [round(x, 2) for x in v] for (p, b), v in rates.items()},
+        "iterations": iterations, "batch_per_process": 32, "repeats": args.repeats, "load_average_at_start": load,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

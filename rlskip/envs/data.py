@@ -30,7 +30,7 @@ def load_examples(env_cfg, task, eval_limit: int) -> tuple[list, list, dict]:
     With separate sources (``env.eval_data_files``, or another ``env.eval_split`` of the hub or the
     synthetic task) evaluation reads its own. When both would read the same rows (``env.data_files`` without
     ``env.eval_data_files``, or one split for both), the rows are loaded once and split in file order: the last
-    ``eval.limit`` rows (at most a fifth) for evaluation, the rest (up to ``env.limit``) for training.
+    ``eval.limit`` rows (at most a quarter) for evaluation, the rest (up to ``env.limit``) for training.
     """
     eval_files = env_cfg.eval_data_files or env_cfg.data_files
     same = eval_files == env_cfg.data_files and (env_cfg.data_files is not None or env_cfg.split == env_cfg.eval_split)
@@ -40,7 +40,7 @@ def load_examples(env_cfg, task, eval_limit: int) -> tuple[list, list, dict]:
         how = f"training from {env_cfg.data_files or 'split ' + env_cfg.split}, evaluation from {eval_files or 'split ' + env_cfg.eval_split}"
         return train, held_out, {"how": how, "train": len(train), "evaluation": len(held_out)}
     pool = task.load(split=env_cfg.split, data_files=env_cfg.data_files)
-    n_eval = min(int(eval_limit), len(pool) // 5)
+    n_eval = min(int(eval_limit), len(pool) // 4)
     if n_eval < 1:
         raise ValueError(f"{len(pool)} examples are too few to hold any out for evaluation; add data or set env.eval_data_files")
     train, held_out = pool[: len(pool) - n_eval], pool[len(pool) - n_eval :]
