@@ -154,16 +154,23 @@ def calibrate_threshold(
         })
         return passed
 
-    # bisection for the boundary between passing and failing thresholds, from the safe end: for quality the
-    # lowest threshold (keeps the most), for a budget the highest (keeps the least); if it fails, it is returned
+    # from the safe end: for quality the lowest threshold (keeps the most), for a budget the highest (keeps the
+    # least); if even that fails, it is returned
     order = sorted(thresholds, reverse=isinstance(constraint, Budget))
-    if not ok(order[0]):
-        return order[0], _by_threshold(table)
-    lo, hi = 0, len(order) - 1  # order[lo] passes; find the last that does
+    last = _last_passing(len(order), lambda i: ok(order[i]))
+    return order[0 if last is None else last], _by_threshold(table)
+
+
+def _last_passing(n: int, passes) -> int | None:
+    """Bisection over indices ``0 .. n - 1`` ordered from the safe end: the last index for which ``passes``
+    holds, taking it as true up to some index and false after; None when index 0 already fails."""
+    if not passes(0):
+        return None
+    lo, hi = 0, n - 1  # index lo passes; find the last that does
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if ok(order[mid]) else (lo, mid - 1)
-    return order[lo], _by_threshold(table)
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid - 1)
+    return lo
 
 
 def _by_threshold(table: list[dict]) -> list[dict]:
@@ -192,32 +199,28 @@ def calibrate_budgets(
     ``({budget: threshold}, table)``; a budget no threshold meets gets the strictest."""
     run = PlanRunner(ex, task, data)
     full = run(full_model(ex.space))
-    order = sorted(thresholds)
+    order = sorted(thresholds, reverse=True)  # from the safe end: the highest threshold keeps the least
     chosen: dict[float, float] = {}
     table = []
     for b in sorted(budgets, reverse=True):
+        seen: dict[int, tuple[bool, float, MethodResult]] = {}
 
-        def outcome(i: int, b=b) -> tuple[bool, float, MethodResult]:
-            r = run(budget_plans(policy, ex.space, {**chosen, b: order[i]}, b))
-            bound = flops_upper_bound(r.per_item_flops_ratio, confidence)
-            return bound <= b, bound, r
+        def outcome(i: int, b=b, seen=seen) -> tuple[bool, float, MethodResult]:
+            if i not in seen:
+                r = run(budget_plans(policy, ex.space, {**chosen, b: order[i]}, b))
+                bound = flops_upper_bound(r.per_item_flops_ratio, confidence)
+                seen[i] = (bound <= b, bound, r)
+            return seen[i]
 
-        # a budget of 1 admits the full model (the lowest threshold keeps everything), with the decision's cost
-        lo, hi = (0, 0) if b >= 1.0 else (0, len(order) - 1)
-        best = outcome(hi)
-        best = (True, *best[1:]) if b >= 1.0 else best
-        if best[0]:
-            while lo < hi:  # the lowest index whose plans meet the budget
-                mid = (lo + hi) // 2
-                result = outcome(mid)
-                if result[0]:
-                    hi, best = mid, result
-                else:
-                    lo = mid + 1
-        chosen[b] = order[hi]
-        ok, bound, r = best
+        if b >= 1.0:  # a budget of 1 admits the full model (the lowest threshold), with the decision's cost
+            i, ok = len(order) - 1, True
+        else:  # the lowest threshold whose plans meet the budget; the strictest when none does
+            last = _last_passing(len(order), lambda i: outcome(i)[0])
+            i, ok = (0, False) if last is None else (last, True)
+        _, bound, r = outcome(i)
+        chosen[b] = order[i]
         table.append({
-            "budget": b, "threshold": order[hi], "quality": r.quality, "quality_full": full.quality,
+            "budget": b, "threshold": order[i], "quality": r.quality, "quality_full": full.quality,
             "flops_ratio": r.flops_ratio, "flops_upper_bound": bound, "satisfied": ok,
         })
     return chosen, sorted(table, key=lambda row: row["budget"])
