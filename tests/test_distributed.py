@@ -163,3 +163,32 @@ def test_ranks_get_equal_shares_of_the_batch_dealt_by_source_length(world):
     assert max(totals) - min(totals) <= max(lengths)
     contiguous = [sum(lengths[d["index"]] for d in drawn[r * 8 : (r + 1) * 8]) for r in range(world)]
     assert max(totals) - min(totals) <= max(contiguous) - min(contiguous)
+
+
+def _gather_rows_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from rlskip.distributed import Dist, gather_rows
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        rows = {"quality": np.arange(3.0) + 10 * rank, "bits": np.full((3, 4), rank, dtype=np.float64)}
+        got = gather_rows(rows, Dist(rank=rank, world=world))
+        np.save(Path(out) / f"q{rank}.npy", got["quality"])
+        np.save(Path(out) / f"b{rank}.npy", got["bits"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_concatenates_every_ranks_rows_in_rank_order(tmp_path):
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_gather_rows_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    for r in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"q{r}.npy"), [0, 1, 2, 10, 11, 12])
+        bits = np.load(tmp_path / f"b{r}.npy")
+        assert bits.shape == (6, 4) and (bits[:3] == 0).all() and (bits[3:] == 1).all()

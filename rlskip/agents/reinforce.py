@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from rlskip.agents.base import Learner
-from rlskip.agents.tb import batch_stats, conditioned, merge_stats, record_batch
-from rlskip.distributed import Dist, average_gradients, gather
+from rlskip.agents.tb import batch_stats, conditioned, record_batch
+from rlskip.distributed import Dist, average_gradients, gather, gather_rows
 
 
 class ValueHead(nn.Module):
@@ -176,7 +176,7 @@ class Reinforce(Learner):
         nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
         self.optimizer.step()
 
-        stats = merge_stats(gather(batch_stats(infos), self.dist))  # the whole batch, in rank order
+        stats = gather_rows(batch_stats(infos), self.dist)  # the whole batch, in rank order
         self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"], **conditioned(self.constraint, stats))
         gen_loss = None
         if self.generator is not None:

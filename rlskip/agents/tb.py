@@ -38,11 +38,6 @@ def conditioned(constraint, stats: dict[str, np.ndarray]) -> dict:
     return {"budget": stats["budget"]} if getattr(constraint, "budget_range", None) else {}
 
 
-def merge_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The stats of several shards of one batch (data-parallel ranks), concatenated in order."""
-    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 def heatmap_image(space: SkipSpace, skip_rates: np.ndarray) -> np.ndarray:
     """Skip rate per (layer, sub-layer kind) as an HWC uint8 image; fixed-on cells are blank."""
     import matplotlib
