@@ -109,7 +109,7 @@ def gather(obj: Any, d: Dist) -> list:
 
 def gather_rows(arrays: dict[str, np.ndarray], d: Dist) -> dict[str, np.ndarray]:
     """Every rank's ``arrays`` (the same keys and shapes on every rank, rows first) concatenated along the rows
-    in rank order, on every rank: one all-gather of one float64 tensor, where :func:`gather` would pickle the
+    in rank order, on every rank, as float64: one all-gather of one float64 tensor, where :func:`gather` would pickle the
     dict and run two collectives (a per-iteration cost that data-parallel training pays while the ranks wait)."""
     if not d.active:
         return arrays

@@ -41,7 +41,7 @@ from torch import nn
 
 from rlskip.agents.base import Learner
 from rlskip.agents.tb import batch_stats, conditioned, record_batch
-from rlskip.distributed import Dist, average_gradients, gather, gather_rows
+from rlskip.distributed import Dist, average_gradients, gather_rows
 
 
 class ValueHead(nn.Module):
@@ -176,7 +176,10 @@ class Reinforce(Learner):
         nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
         self.optimizer.step()
 
-        stats = gather_rows(batch_stats(infos), self.dist)  # the whole batch, in rank order
+        rows = batch_stats(infos)
+        if greedy is not None:
+            rows["greedy"] = greedy.cpu().numpy()
+        stats = gather_rows(rows, self.dist)  # the whole batch, in rank order
         self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"], **conditioned(self.constraint, stats))
         gen_loss = None
         if self.generator is not None:
@@ -186,7 +189,7 @@ class Reinforce(Learner):
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)
             if greedy is not None:
-                g = np.concatenate(gather(greedy.cpu().numpy(), self.dist))
+                g = stats["greedy"].astype(bool)
                 self.logger.record("quality/greedy", float(stats["quality"][g].mean()))
                 self.logger.record("cost/greedy_flops_ratio", float(stats["cost"][g].mean()))
             self.logger.record("train/policy_loss", float(pg_loss.detach()))
