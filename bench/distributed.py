@@ -12,13 +12,13 @@ communication at all) and compares their summed throughput with twice one alone:
 without any distributed training, the ceiling of ``scaling_efficiency`` here; ``scaling_efficiency_over_hardware``
 is the 2-process throughput over that ceiling. The machine should be otherwise idle: two processes need both cores.
 
-Each measurement is a few seconds of policy training, and one 1-process run can come out 15% faster or slower
-than the next on this machine; so the 1- and 2-process runs are repeated (``--repeats``, alternating, one pair
+Each measurement is a few seconds of policy training, and on a shared virtual machine one run can come out 15%
+faster or slower than the next (and the machine's speed can drift far more within an hour); so the 1- and 2-process runs are repeated (``--repeats``, alternating, one pair
 after the other) and every figure is the median over the repeats, with each pair's own efficiency listed
 (``scaling_efficiency_pairs``) to show the spread.
 
     python bench/distributed.py            # about 12 minutes on 2 cores
-    python bench/distributed.py --quick    # fewer iterations, about 7 minutes
+    python bench/distributed.py --quick    # fewer iterations, 6-10 minutes
 
 Prints one JSON object as its last line (``instances_per_s_1proc``, ``instances_per_s_2proc``,
 ``scaling_efficiency``) and writes it to ``--out``.
