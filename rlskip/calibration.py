@@ -203,14 +203,11 @@ def calibrate_budgets(
     chosen: dict[float, float] = {}
     table = []
     for b in sorted(budgets, reverse=True):
-        seen: dict[int, tuple[bool, float, MethodResult]] = {}
 
-        def outcome(i: int, b=b, seen=seen) -> tuple[bool, float, MethodResult]:
-            if i not in seen:
-                r = run(budget_plans(policy, ex.space, {**chosen, b: order[i]}, b))
-                bound = flops_upper_bound(r.per_item_flops_ratio, confidence)
-                seen[i] = (bound <= b, bound, r)
-            return seen[i]
+        def outcome(i: int, b=b) -> tuple[bool, float, MethodResult]:  # PlanRunner runs a set of plans once
+            r = run(budget_plans(policy, ex.space, {**chosen, b: order[i]}, b))
+            bound = flops_upper_bound(r.per_item_flops_ratio, confidence)
+            return bound <= b, bound, r
 
         if b >= 1.0:  # a budget of 1 admits the full model (the lowest threshold), with the decision's cost
             i, ok = len(order) - 1, True
