@@ -50,6 +50,7 @@ class WarmupConfig:
     skip_prob: float = 0.25
     lr: float = 2e-3
     batch_size: int = 64
+    distill: float = 0.0  # > 0: sandwich steps, sub-networks distilled from the full model (rlskip.agents.warmup)
 
 
 @dataclass
@@ -337,6 +338,10 @@ def validate_train(cfg: DictConfig) -> None:
         positive("backbone.warmup.steps")
     if not 0.0 <= cfg.backbone.warmup.skip_prob < 1.0:
         raise _bad("backbone.warmup.skip_prob", cfg.backbone.warmup.skip_prob, "a probability in [0, 1)")
+    if not cfg.backbone.warmup.distill >= 0.0:
+        raise _bad("backbone.warmup.distill", cfg.backbone.warmup.distill, "a weight >= 0")
+    if cfg.backbone.warmup.distill > 0.0 and cfg.backbone.warmup.batch_size < 2:
+        raise _bad("backbone.warmup.batch_size", cfg.backbone.warmup.batch_size, ">= 2 with backbone.warmup.distill (each instance runs twice)")
     if not 0.5 <= cfg.eval.calibration_confidence < 1.0:
         raise _bad("eval.calibration_confidence", cfg.eval.calibration_confidence, "a value in [0.5, 1)")
     a, c = cfg.agent, cfg.constraint

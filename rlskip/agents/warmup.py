@@ -5,6 +5,12 @@ a generator learns its targets by teacher forcing, a classifier its labels (e.g.
 classification head and body on GLUE). Each training instance gets its own random plan in which every skippable sub-layer is
 dropped with probability ``skip_prob`` (LayerDrop, but per sub-layer and per instance); the plan is executed
 by the skip-aware runtime, so training sees exactly the computation that inference with a plan runs.
+
+With ``distill > 0`` a step trains the full model and its sub-networks together (the sandwich rule with
+in-place distillation of slimmable networks, Yu & Huang 2019; DynaBERT applies it to BERT's depth and width):
+each drawn instance appears twice in one batch, once under the all-ones plan, trained on its label or target,
+and once under a random plan, trained toward the all-ones row's own (detached) prediction. What a policy is
+held to is agreement with the full model, and this teaches the sub-networks exactly that.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlskip.encoding import Encoder
@@ -56,6 +63,7 @@ def train_generator(
     weight_decay: float = 0.01,
     warmup_frac: float = 0.05,
     skip_prob: float = 0.0,
+    distill: float = 0.0,
     seed: int = 0,
     progress: bool = True,
 ) -> WarmupStats:
@@ -73,6 +81,9 @@ def train_generator(
         weight_decay: AdamW weight decay.
         warmup_frac: fraction of training spent warming the learning rate up.
         skip_prob: probability that each skippable sub-layer is dropped, per instance and step.
+        distill: weight of the in-place distillation loss (KL from the all-ones row's prediction to the
+            random-plan row's); 0 trains every row on its labels alone. When > 0, a step draws
+            ``batch_size // 2`` instances and runs each under both plans, so a step costs what it costs without.
         seed: seeds batch sampling and plans (and nothing global).
         progress: show a tqdm progress bar.
 
@@ -87,6 +98,10 @@ def train_generator(
         raise ValueError(f"time_budget must be > 0 seconds, got {time_budget}")
     if not 0.0 <= skip_prob < 1.0:
         raise ValueError(f"skip_prob must be in [0, 1), got {skip_prob}")
+    if not (math.isfinite(distill) and distill >= 0.0):
+        raise ValueError(f"distill must be a weight >= 0, got {distill}")
+    if distill > 0.0 and batch_size < 2:
+        raise ValueError(f"distillation pairs each instance's full and sub-network rows: batch_size must be >= 2, got {batch_size}")
     rt = get_runtime(model)
     classifier = rt.head == "classifier"
     if not examples:
@@ -114,15 +129,35 @@ def train_generator(
             scale = frac / warmup_frac if frac < warmup_frac else (1.0 - frac) / (1.0 - warmup_frac)
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.0)
-            idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
-            plan = random_plan(rt.space, batch_size, skip_prob, gen)
+            if distill > 0.0:
+                half = batch_size // 2
+                idx = torch.randint(len(src), (half,), generator=gen).tolist() * 2
+                bits = random_plan(rt.space, 2 * half, skip_prob, gen).bits
+                bits[:half] = True
+                plan = Plan(rt.space, bits)
+            else:
+                idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
+                plan = random_plan(rt.space, batch_size, skip_prob, gen)
             if classifier:
                 obs = rt.observe(*encoder.batch([src[i] for i in idx]))
-                loss = rt.classify(obs, plan, labels=torch.tensor([tgt[i] for i in idx])).loss
+                y = torch.tensor([tgt[i] for i in idx])
+                if distill > 0.0:
+                    logits = rt.classify(obs, plan).logits
+                    loss = F.cross_entropy(logits[:half], y[:half]) + distill * _kl(logits[half:], logits[:half])
+                else:
+                    loss = rt.classify(obs, plan, labels=y).loss
             else:
                 input_ids, mask, protected, labels = encoder.training_rows([src[i] for i in idx], [tgt[i] for i in idx])
                 obs = rt.observe(input_ids, mask, protected)
-                _, loss = rt.forward(obs, plan, labels=labels)
+                if distill > 0.0:
+                    logits, _ = rt.forward(obs, plan, labels=labels)  # (a seq2seq model reads its decoder inputs from them)
+                    # the token each logit position predicts: a decoder-only model's labels align with its input
+                    target = F.pad(labels[:, 1:], (0, 1), value=-100) if rt.kind == "causal" else labels
+                    ce = F.cross_entropy(logits[:half].flatten(0, 1), target[:half].flatten(), ignore_index=-100)
+                    scored = target[half:] != -100
+                    loss = ce + distill * _kl(logits[half:][scored], logits[:half][scored])
+                else:
+                    _, loss = rt.forward(obs, plan, labels=labels)
             if not math.isfinite(loss.item()):
                 raise ValueError(f"the generator warm-up diverged: its loss became {loss.item()} at step {step}; lower backbone.warmup.lr")
             opt.zero_grad(set_to_none=True)
@@ -138,3 +173,9 @@ def train_generator(
         model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return WarmupStats(loss=sum(tail) / len(tail), steps=step, seconds=time.perf_counter() - start, losses=losses)
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(teacher || student) between the softmaxes of ``[rows, classes]`` logits, the
+    teacher's detached."""
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher.detach(), -1), log_target=True, reduction="batchmean")
