@@ -338,7 +338,7 @@ def validate_train(cfg: DictConfig) -> None:
         positive("backbone.warmup.steps")
     if not 0.0 <= cfg.backbone.warmup.skip_prob < 1.0:
         raise _bad("backbone.warmup.skip_prob", cfg.backbone.warmup.skip_prob, "a probability in [0, 1)")
-    if not cfg.backbone.warmup.distill >= 0.0:
+    if not (math.isfinite(cfg.backbone.warmup.distill) and cfg.backbone.warmup.distill >= 0.0):
         raise _bad("backbone.warmup.distill", cfg.backbone.warmup.distill, "a weight >= 0")
     if cfg.backbone.warmup.distill > 0.0 and cfg.backbone.warmup.batch_size < 2:
         raise _bad("backbone.warmup.batch_size", cfg.backbone.warmup.batch_size, ">= 2 with backbone.warmup.distill (each instance runs twice)")

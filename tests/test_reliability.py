@@ -133,7 +133,9 @@ def test_a_locked_run_directory_refuses_a_second_process_at_once(tmp_path, capsy
 
 def test_bad_values_fail_fast_and_failed_starts_leave_nothing(tmp_path, capsys):
     for args, key in ((["agent.lr=-1"], "agent.lr"), (["agent.n_envs=0"], "agent.n_envs"),
-                      (["agent.iterations=-5"], "agent.iterations"), (["constraint.max_quality_drop=2"], "constraint.max_quality_drop")):
+                      (["agent.iterations=-5"], "agent.iterations"), (["constraint.max_quality_drop=2"], "constraint.max_quality_drop"),
+                      (["backbone.warmup.distill=-1"], "backbone.warmup.distill"),
+                      (["backbone.warmup.distill=1", "backbone.warmup.batch_size=1"], "backbone.warmup.batch_size")):
         run = tmp_path / key
         t0 = time.perf_counter()
         assert main(args + [f"run_dir={run}"]) == 2
