@@ -101,7 +101,7 @@ def test_distilled_sub_networks_stay_closer_to_the_full_model(family, weight):
         train, held = task.load("train"), task.load("validation")
         causal = family == "llama-causal"
         encoder = Encoder(tok, 48, prompt=PromptFormat("{input} =") if causal else None, causal=causal, max_target_tokens=16)
-    gaps, losses = {}, {}
+    gaps = {}
     for distill in (0.0, weight):
         model = build(tok)
         stats = train_generator(model, encoder, train, steps=80, batch_size=16, lr=5e-3, skip_prob=0.3, distill=distill,
