@@ -78,8 +78,7 @@ def _sub_network_gap(model, encoder: Encoder, examples: list, classifier: bool) 
             else:
                 ids, mask, protected, labels = encoder.training_rows(rows, encoder.labels(examples))
                 obs = rt.observe(ids, mask, protected)
-                target = F.pad(labels[:, 1:], (0, 1), value=-100) if rt.kind == "causal" else labels
-                scored = target != -100
+                scored = rt.logit_targets(labels) != -100
                 a, b = rt.forward(obs, full, labels)[0][scored], rt.forward(obs, sub, labels)[0][scored]
             gaps.append(F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="batchmean"))
     return float(torch.stack(gaps).mean())

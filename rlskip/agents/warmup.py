@@ -151,8 +151,7 @@ def train_generator(
                 obs = rt.observe(input_ids, mask, protected)
                 if distill > 0.0:
                     logits, _ = rt.forward(obs, plan, labels=labels)  # (a seq2seq model reads its decoder inputs from them)
-                    # the token each logit position predicts: a decoder-only model's labels align with its input
-                    target = F.pad(labels[:, 1:], (0, 1), value=-100) if rt.kind == "causal" else labels
+                    target = rt.logit_targets(labels)
                     ce = F.cross_entropy(logits[:half].flatten(0, 1), target[:half].flatten(), ignore_index=-100)
                     scored = target[half:] != -100
                     loss = ce + distill * _kl(logits[half:][scored], logits[:half][scored])

@@ -185,6 +185,11 @@ class Runtime(ABC):
         target) and are shifted inside, as Hugging Face does.
         """
 
+    def logit_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The token each of :meth:`forward`'s logit positions predicts (-100: none) for ``labels`` as
+        :meth:`forward` takes them: the labels themselves for a seq2seq model."""
+        return labels
+
     @abstractmethod
     def classify(self, obs: Observation, plan: Plan, labels: torch.Tensor | None = None) -> ClassifyOutput:
         """Sequence classification under plans (models with a classification head)."""

@@ -231,9 +231,12 @@ class LlamaRuntime(Runtime):
         logits[keep] = tok_logits
         loss = None
         if labels is not None:
-            target = F.pad(labels[:, 1:], (0, 1), value=-100)  # the token each position predicts
-            loss = F.cross_entropy(tok_logits.float(), target[keep], ignore_index=-100)
+            loss = F.cross_entropy(tok_logits.float(), self.logit_targets(labels)[keep], ignore_index=-100)
         return logits, loss
+
+    def logit_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels align with the input; each position predicts the next one's token."""
+        return F.pad(labels[:, 1:], (0, 1), value=-100)
 
     def classify(self, obs: Observation, plan: Plan, labels: torch.Tensor | None = None) -> ClassifyOutput:
         raise ValueError("a causal LM has no classification head: classify by scoring label words on generation logits")
