@@ -152,40 +152,51 @@ def latency_ratio(
     ex: Executor, data: EvalData, method: Method, batch_size: int, repeats: int = 3, plan_aware: bool = False
 ) -> float:
     """Measured wall-clock of ``method`` over the full model on the same instances (observation and decisions
-    included). Warm-up excluded; repeats alternate between the two so machine drift hits both alike; medians.
+    included). Warm-up excluded.
 
     The full model runs in consecutive batches of ``batch_size`` (FIFO). So does ``method``, unless
     ``plan_aware``: then a planned method's instances (:func:`rlskip.methods.planned`) are observed and decided
     in pools of :data:`rlskip.batching.POOL_BATCHES` batches and executed in plan-aware batches of at most
     ``batch_size`` (:mod:`rlskip.batching`), as inference does; a method without plans (early exit) runs FIFO.
+
+    The two alternate pool by pool (which goes first alternates with the repeats), and each pool's time is the
+    median over ``repeats``; the ratio is of the sums. A slow spell of the machine (other processes, clock
+    changes) that lasts a second then hits both sides of one pool rather than one side of a whole pass.
     """
     full = planned(full_model(ex.space))
     source = getattr(method, "source", None) if plan_aware else None
-    batches = [rows for _, rows in data.batches(batch_size)]
-    pools = [rows for _, rows in data.batches(batch_size * POOL_BATCHES)]
+    pool = batch_size * POOL_BATCHES
+    pools = [rows for _, rows in data.batches(pool)]
 
-    def fifo(m: Method) -> None:
-        for rows in batches:
-            m(ex, ex.observe(rows))
+    def fifo(m: Method, rows: list) -> None:
+        for i in range(0, len(rows), batch_size):
+            m(ex, ex.observe(rows[i : i + batch_size]))
 
-    def pooled() -> None:
-        for rows in pools:
-            obs = ex.observe(rows)
-            plan, cost = source(obs)
-            run_pool(ex, obs, plan, cost, batch_size, plan_aware=True)
+    def pooled(rows: list) -> None:
+        obs = ex.observe(rows)
+        plan, cost = source(obs)
+        run_pool(ex, obs, plan, cost, batch_size, plan_aware=True)
 
     def timed(fn, *args) -> float:
         t0 = time.perf_counter()
         fn(*args)
         return time.perf_counter() - t0
 
-    run = (pooled,) if source is not None else (fifo, method)
-    timed(fifo, full), timed(*run)  # warm-up
-    t_full, t_method = [], []
-    for _ in range(repeats):
-        t_full.append(timed(fifo, full))
-        t_method.append(timed(*run))
-    return statistics.median(t_method) / statistics.median(t_full)
+    def run(rows: list) -> None:
+        pooled(rows) if source is not None else fifo(method, rows)
+
+    fifo(full, pools[0]), run(pools[0])  # warm-up
+    t_full: list[list[float]] = [[] for _ in pools]
+    t_method: list[list[float]] = [[] for _ in pools]
+    for r in range(repeats):
+        for i, rows in enumerate(pools):
+            if r % 2:
+                t_method[i].append(timed(run, rows))
+                t_full[i].append(timed(fifo, full, rows))
+            else:
+                t_full[i].append(timed(fifo, full, rows))
+                t_method[i].append(timed(run, rows))
+    return sum(map(statistics.median, t_method)) / sum(map(statistics.median, t_full))
 
 
 def fidelity(task, predictions: list, full_predictions: list) -> float:
