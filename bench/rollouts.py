@@ -127,13 +127,13 @@ def bench_data(name: str, num_envs: int, n_examples: int, steps: int, repeats: i
     gen = np.random.default_rng(0)
     actions = [gen.integers(0, 2, (num_envs, batched.rollout.n_actions), dtype=np.int8) for _ in range(steps)]
 
+    infos: list[dict] = []  # the last step's
+
     def timed_step(venv, action) -> float:
         nonlocal infos
         start = clock()
         infos = venv.step(action)[3]
         return clock() - start
-
-    infos: list[dict] = []
 
     ones = np.ones_like(actions[0])
     seconds: dict[str, list[float]] = {"batched": [], "single": [], "batched_all_ones": [], "single_all_ones": []}

@@ -183,7 +183,10 @@ def latency_ratio(
         return time.perf_counter() - t0
 
     def run(rows: list) -> None:
-        pooled(rows) if source is not None else fifo(method, rows)
+        if source is not None:
+            pooled(rows)
+        else:
+            fifo(method, rows)
 
     fifo(full, pools[0]), run(pools[0])  # warm-up
     t_full: list[list[float]] = [[] for _ in pools]
