@@ -188,7 +188,8 @@ def latency_ratio(
         else:
             fifo(method, rows)
 
-    fifo(full, pools[0]), run(pools[0])  # warm-up
+    fifo(full, pools[0])  # warm-up, both sides
+    run(pools[0])
     t_full: list[list[float]] = [[] for _ in pools]
     t_method: list[list[float]] = [[] for _ in pools]
     for r in range(repeats):
