@@ -136,7 +136,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
     start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if joint else None
     frozen_ref = backbone_reference(cfg, run_dir / "generator", model, rt)
     budgets = budget_range(cfg)  # a budget-conditioned run draws each instance's budget from this range
-    trained, rows = [], []
+    trained, rows, throughput = [], [], []
     for c in range(n):
         cdir = policy_dir(cfg, run_dir, c)
         if dist.main:
@@ -173,6 +173,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
             save_checkpoint(cdir, learner.policy, rt.space, ref, learner.iteration, extra=extra, name="last")
         trained.append((learner.policy, ref, threshold, table, extra))
         rows.append({"policy": c, "seed": policy_seed(cfg.seed, c), **chosen})
+        throughput.append(stats.get("instances_per_s"))  # None for a policy finished before a resume
 
     # keep the policy whose calibrated plans do best under the constraint; its files become the run's
     k = select_policy(learner.constraint, rows)
@@ -205,6 +206,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
     summary.update(
         run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), data_split=data_split,
         calibration_confidence=policy_confidence(cfg), kept_policy=k, policies=rows, seconds=seconds,
+        train_instances_per_s=throughput,
     )
     if dist.main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))

@@ -114,6 +114,8 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
     s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
     assert s1["quality"] == s2["quality"] and s1["threshold"] == s2["threshold"]
     assert s1["flops_ratio"] == pytest.approx(s2["flops_ratio"], abs=1e-6)
+    # throughput counts both ranks' instances: iterations 2-4 of the global batch, within the policy phase
+    assert s2["train_instances_per_s"][0] > 3 * 8 / s2["seconds"]["policy"]
     rows = lambda r: (r / "tb" / "progress.csv").read_text().splitlines()  # noqa: E731
     assert len(rows(one)) == len(rows(two))  # the whole batch's statistics, logged once, by rank 0
 

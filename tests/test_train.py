@@ -49,6 +49,9 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
     assert summary["metrics"]["policy"] == {"exact_match": summary["quality"]}  # the task reports its one metric
     assert summary["metrics"]["full"] == {"exact_match": summary["quality_full"]}
     assert 0.0 <= summary["fidelity"] <= 1.0
+    # steady-state throughput: iterations 2-4 of 8 instances each, in less time than the whole policy phase
+    assert len(summary["train_instances_per_s"]) == 2
+    assert min(summary["train_instances_per_s"]) > 3 * 8 / summary["seconds"]["policy"]
 
     # the default trains two policies, each in its own directory, and keeps the one calibration prefers
     rows = summary["policies"]
@@ -79,7 +82,7 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
         scalars = set(ea.Tags()["scalars"])
         expected = {
             "reward/mean", "quality/policy", "quality/full", "quality/margin", "cost/flops_ratio", "cost/latency_ratio", "constraint/lambda",
-            "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/entropy",
+            "constraint/satisfied_rate", "tokens/keep_rate", "train/policy_loss", "train/entropy", "time/instances_per_s",
             "skip_rate/dec.0.ffn", "skip_rate/enc.1.attn",
         }
         assert expected <= scalars, expected - scalars

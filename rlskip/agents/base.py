@@ -54,6 +54,12 @@ class Learner(ABC):
         """One batch of rollouts and one update; returns the batch's ``reward``, ``quality``, ``quality_full``
         and ``cost`` means. ``log`` records the batch's statistics, ``image`` the skip-rate heatmap too."""
 
+    @property
+    def instances_per_iteration(self) -> int:
+        """Instances one :meth:`train_iteration` rolls out, over every rank of a data-parallel job."""
+        dist = getattr(self, "dist", None)
+        return self.env.num_envs * (dist.world if dist is not None else 1)
+
     @abstractmethod
     def state_dict(self) -> dict:
         """Everything needed to continue exactly (what :meth:`save` writes to ``trainer_state.pt``)."""

@@ -137,6 +137,10 @@ class PPOLearner(Learner):
     def policy(self) -> SkipPolicy:
         return self.model.policy.skip_policy
 
+    @property
+    def instances_per_iteration(self) -> int:
+        return self.model.n_steps * self.env.num_envs
+
     def train_iteration(self, log: bool = False, image: bool = False) -> dict[str, float]:
         """One PPO rollout (``n_steps`` batched env steps) and its update epochs."""
         self.model.learn(self.model.n_steps * self.env.num_envs, callback=self.stats_cb, reset_num_timesteps=False, log_interval=None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -140,7 +141,8 @@ def prune(cdir: Path) -> None:
 def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_data: EvalData, tokenizer, dist: Dist | None = None):
     """Train (or finish, when ``cdir`` holds its ``last`` checkpoint) policy ``c`` on ``env``.
 
-    Returns ``(learner, backbone reference, stats of its last batch)``. A checkpoint is one unit: the learner's
+    Returns ``(learner, backbone reference, stats of its last batch)``; the stats add ``instances_per_s``, the
+    training throughput after this process's first iteration, when it ran two or more. A checkpoint is one unit: the learner's
     state (and SB3's zip), in joint mode the generator as tuned so far, then the policy, and last the manifest
     ``last.json`` naming them all with the best reward so far; a kill at any moment leaves the previous
     checkpoint whole. ``best`` names its own generator. In a data-parallel job every rank trains in step and
@@ -181,15 +183,21 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
         total=cfg.agent.iterations, initial=learner.iteration, desc="policy" if n == 1 else f"policy {c + 1}/{n}",
         disable=not cfg.log.progress or not dist.main,
     )
+    # throughput after this process's first iteration (its one-time costs: first allocations, the first collectives)
+    clock: list[float] = []  # when each iteration after the first ended
     while learner.iteration < cfg.agent.iterations:
         it = learner.iteration + 1
+        final = it == cfg.agent.iterations
+        log_now = final or it % cfg.log.every == 0
+        if log_now and len(clock) > 1:
+            logger.record("time/instances_per_s", instances_per_s(clock, learner.instances_per_iteration))
         if it % cfg.log.latency_every == 0 and dist.main:
             at = cfg.constraint.budget if budget_range(cfg) else None  # a conditioned policy, at the run's budget
             method = planned(policy_plans(learner.policy, rt.space, 0.5, at))
             logger.record("cost/latency_ratio", latency_ratio(ex, latency_data, method, cfg.eval.latency_batch, repeats=1))
-        final = it == cfg.agent.iterations
         checkpoint = it % cfg.log.checkpoint_every == 0 or final
-        stats = learner.train_iteration(log=final or it % cfg.log.every == 0, image=final or it % (cfg.log.every * 10) == 0)
+        stats = learner.train_iteration(log=log_now, image=final or it % (cfg.log.every * 10) == 0)
+        clock.append(time.perf_counter())
         learner.check_health()
         bar.update(1)
         bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['cost']:.3f}")
@@ -209,4 +217,11 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
     barrier(dist)  # rank 0's last checkpoint is on disk before any rank reads it
     if not stats:  # finished before this (resumed) process: the last checkpoint holds its final batch
         stats = {k: v for k, v in last.extra.items() if k in ("reward", "quality", "quality_full", "cost")}
+    if len(clock) > 1:
+        stats["instances_per_s"] = instances_per_s(clock, learner.instances_per_iteration)
     return learner, ref, stats
+
+
+def instances_per_s(clock: list[float], per_iteration: int) -> float:
+    """Training throughput between the first and the last of ``clock`` (iteration end times), all ranks together."""
+    return per_iteration * (len(clock) - 1) / max(clock[-1] - clock[0], 1e-9)
