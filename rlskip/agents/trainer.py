@@ -183,8 +183,9 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
         total=cfg.agent.iterations, initial=learner.iteration, desc="policy" if n == 1 else f"policy {c + 1}/{n}",
         disable=not cfg.log.progress or not dist.main,
     )
-    # throughput after this process's first iteration (its one-time costs: first allocations, the first collectives)
-    clock: list[float] = []  # when each iteration after the first ended
+    # throughput from the end of this process's first iteration, which carries its one-time costs (first
+    # allocations, the process group's first collectives)
+    clock: list[float] = []  # when each iteration ended
     while learner.iteration < cfg.agent.iterations:
         it = learner.iteration + 1
         final = it == cfg.agent.iterations
