@@ -42,10 +42,13 @@ def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], co
     """One-sided upper confidence bound on the mean per-instance quality drop ``quality_full - quality``.
 
     **0/1 quality** (exact match, accuracy): a drop is a failure (1), a fix (-1) or neither. The failures' count
-    ``k`` over ``n`` instances is bounded by the Clopper-Pearson bound ``Beta(confidence; k + 1, n - k)``, and the
-    returned bound is the mean drop plus that bound's margin over the failure rate, so instances the policy gets
-    right where the full model fails still count for it. Unlike a normal approximation, it stays honest when
-    failures are rare: 1 failure in 512 instances bounds the rate at 0.76% at confidence 0.9, not 0.45%.
+    ``k`` over ``n`` instances is bounded by the Clopper-Pearson bound ``Beta(confidence; k + 1, n - k)``, and that
+    bound is the mean drop plus its margin over the failure rate, so instances the policy gets right where the
+    full model fails still count for it. Unlike a normal approximation, it stays honest when failures are rare:
+    1 failure in 512 instances bounds the rate at 0.76% at confidence 0.9, not 0.45%. But it takes the fixes'
+    rate as known, which it is not: a policy that flips many labels both ways (60 failures and 70 fixes in 917)
+    nets a drop whose spread comes from both counts. The returned bound is therefore the larger of that one and
+    the paired ``t`` bound below on the same per-instance drops (-1, 0, 1), which counts both.
 
     **Graded quality** (ROUGE, F1): drops of either sign on many instances, of which a count says nothing; the
     bound is Student's one-sided ``t`` bound on the mean of the paired drops, ``mean + t(confidence, n - 1) *
@@ -61,15 +64,17 @@ def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], co
     n = d.numel()
     if n == 0:
         raise ValueError("calibration needs at least one instance")
+    if n == 1:
+        paired = float(d.mean()) + (1.0 if confidence > 0.5 else 0.0)
+    else:
+        paired = float(d.mean() + t.ppf(confidence, n - 1) * d.std(unbiased=True) / n**0.5)
     binary = bool(((q_full == 0) | (q_full == 1)).all() and ((q == 0) | (q == 1)).all())
     if not binary:
-        if n == 1:
-            return float(d.mean()) + (1.0 if confidence > 0.5 else 0.0)
-        return float(d.mean() + t.ppf(confidence, n - 1) * d.std(unbiased=True) / n**0.5)
+        return paired
     pos = d.clamp(0.0, 1.0)
     k = float(pos.sum())
     upper = 1.0 if k >= n else float(beta.ppf(confidence, k + 1.0, n - k))
-    return float(d.mean()) + upper - float(pos.mean())
+    return max(float(d.mean()) + upper - float(pos.mean()), paired)
 
 
 class PlanRunner:

@@ -40,6 +40,20 @@ def test_instances_the_policy_fixes_count_for_it():
     assert fixed == pytest.approx(base - 0.01)
 
 
+def test_many_flips_both_ways_take_the_paired_t_bound():
+    """60 failures and 70 fixes in 917: the net drop's spread comes from both counts, not the failures alone."""
+    from scipy.stats import ttest_1samp
+
+    n, fails, fixes = 917, 60, 70
+    full = [1.0] * fails + [0.0] * fixes + [1.0] * (n - fails - fixes)
+    pol = [0.0] * fails + [1.0] * fixes + [1.0] * (n - fails - fixes)
+    b = drop_upper_bound(full, pol, 0.95)
+    drops = [f - p for f, p in zip(full, pol)]
+    assert ttest_1samp(drops, b, alternative="less").pvalue == pytest.approx(0.05, rel=1e-6)
+    failures_only = drop_upper_bound([1.0] * n, [0.0] * fails + [1.0] * (n - fails), 0.95) - fixes / n
+    assert b > failures_only + 0.003  # the old bound, fixes taken as known: about half a point tighter
+
+
 def test_graded_quality_gets_the_paired_t_bound_and_bad_confidence_is_refused():
     from scipy.stats import ttest_1samp
 
