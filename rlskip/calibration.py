@@ -64,17 +64,19 @@ def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], co
     n = d.numel()
     if n == 0:
         raise ValueError("calibration needs at least one instance")
-    if n == 1:
-        paired = float(d.mean()) + (1.0 if confidence > 0.5 else 0.0)
-    else:
-        paired = float(d.mean() + t.ppf(confidence, n - 1) * d.std(unbiased=True) / n**0.5)
     binary = bool(((q_full == 0) | (q_full == 1)).all() and ((q == 0) | (q == 1)).all())
+    if n > 1:
+        paired = float(d.mean() + t.ppf(confidence, n - 1) * d.std(unbiased=True) / n**0.5)
+    elif binary:  # one instance has no spread to estimate: Clopper-Pearson's bound alone
+        paired = -1.0
+    else:
+        paired = float(d.mean()) + (1.0 if confidence > 0.5 else 0.0)
     if not binary:
         return paired
     pos = d.clamp(0.0, 1.0)
     k = float(pos.sum())
     upper = 1.0 if k >= n else float(beta.ppf(confidence, k + 1.0, n - k))
-    return max(float(d.mean()) + upper - float(pos.mean()), paired)
+    return min(1.0, max(float(d.mean()) + upper - float(pos.mean()), paired))  # a 0/1 drop is at most 1
 
 
 class PlanRunner:
