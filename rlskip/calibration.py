@@ -64,19 +64,16 @@ def drop_upper_bound(quality_full: Sequence[float], quality: Sequence[float], co
     n = d.numel()
     if n == 0:
         raise ValueError("calibration needs at least one instance")
+    paired = float(d.mean() + t.ppf(confidence, n - 1) * d.std(unbiased=True) / n**0.5) if n > 1 else None
     binary = bool(((q_full == 0) | (q_full == 1)).all() and ((q == 0) | (q == 1)).all())
-    if n > 1:
-        paired = float(d.mean() + t.ppf(confidence, n - 1) * d.std(unbiased=True) / n**0.5)
-    elif binary:  # one instance has no spread to estimate: Clopper-Pearson's bound alone
-        paired = -1.0
-    else:
-        paired = float(d.mean()) + (1.0 if confidence > 0.5 else 0.0)
     if not binary:
-        return paired
+        return paired if paired is not None else float(d.mean()) + (1.0 if confidence > 0.5 else 0.0)
     pos = d.clamp(0.0, 1.0)
     k = float(pos.sum())
     upper = 1.0 if k >= n else float(beta.ppf(confidence, k + 1.0, n - k))
-    return min(1.0, max(float(d.mean()) + upper - float(pos.mean()), paired))  # a 0/1 drop is at most 1
+    clopper = float(d.mean()) + upper - float(pos.mean())
+    # one instance has no spread to estimate: Clopper-Pearson's bound alone; a 0/1 drop is at most 1
+    return clopper if paired is None else min(1.0, max(clopper, paired))
 
 
 class PlanRunner:
