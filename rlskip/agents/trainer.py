@@ -197,7 +197,8 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
             method = planned(policy_plans(learner.policy, rt.space, 0.5, at))
             logger.record("cost/latency_ratio", latency_ratio(ex, latency_data, method, cfg.eval.latency_batch, repeats=1))
         checkpoint = it % cfg.log.checkpoint_every == 0 or final
-        stats = learner.train_iteration(log=log_now, image=final or it % (cfg.log.every * 10) == 0)
+        # only rank 0 writes TensorBoard: the others skip building its records (the heatmap image takes ~0.5 s)
+        stats = learner.train_iteration(log=log_now and dist.main, image=final or it % (cfg.log.every * 10) == 0)
         clock.append(time.perf_counter())
         learner.check_health()
         bar.update(1)
