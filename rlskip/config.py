@@ -90,7 +90,6 @@ class ReinforceConfig(AgentConfig):
     name: str = "reinforce"
     group_size: int = 4  # plans sampled per instance (a divisor of n_envs); 1: a learned value baseline
     self_critical: bool = False  # each group's first slot plays the deployed (greedy) plan, the baseline of the rest
-    dual: str = "sampled"  # the constraint handler's update sees: sampled (every slot) | deployed (greedy slots; self_critical)
     lr_decay: float = 0.0  # the learning rate falls linearly to 0 over this last fraction of the iterations
     policies: int = 2
 
@@ -351,10 +350,6 @@ def validate_train(cfg: DictConfig) -> None:
             raise _bad("agent.group_size", a.group_size, f"a positive divisor of agent.n_envs={a.n_envs}")
         if a.self_critical and a.group_size < 2:
             raise _bad("agent.self_critical", True, "agent.group_size >= 2 (the greedy plan takes one slot of each group)")
-        if a.dual not in ("sampled", "deployed"):
-            raise _bad("agent.dual", a.dual, "sampled or deployed")
-        if a.dual == "deployed" and not a.self_critical:
-            raise _bad("agent.dual", a.dual, "agent.self_critical=true (the deployed plan plays the first slot of each group)")
         if not 0.0 <= a.lr_decay <= 1.0:
             raise _bad("agent.lr_decay", a.lr_decay, "a fraction in [0, 1]")
     if a.name == "ppo":

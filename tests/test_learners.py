@@ -152,35 +152,6 @@ def test_self_critical_plays_the_greedy_plan_in_each_groups_first_slot(tmp_path)
     assert not np.array_equal(played, greedy.numpy())  # the other slots sample
 
 
-@pytest.mark.parametrize("dual", ["sampled", "deployed"])
-def test_the_dual_step_sees_the_deployed_slots_or_every_slot(dual, tmp_path):
-    """``dual='deployed'``: the multiplier moves by the greedy slots' mean violation alone (dual ascent's own
-    formula, recomputed from what the environment returned), not the whole batch's."""
-    constraint = make_constraint("lagrangian", max_quality_drop=0.05, lam_init=2.0, lr=0.5)
-    env = ToyVecEnv(64, seed=0, group_size=4)
-    policy = SkipPolicy(D, env.space.n_bits, hidden=64, token_head=False)
-    config = ReinforceConfig(lr=3e-3, entropy_coef=0.01, normalize_advantage=False, self_critical=True, dual=dual)
-    learner = Reinforce(env, policy, constraint, configure(str(tmp_path), ["csv"]), config)
-    for _ in range(30):  # away from the all-keep initialisation, so sampled and greedy slots differ
-        learner.train_iteration()
-    infos, step = [], env.step
-    env.step = lambda action: (lambda out: (infos.extend(out[3]), out)[1])(step(action))
-    lam = constraint.lam
-    learner.train_iteration()
-    drop = np.array([i["quality_full"] - i["quality"] for i in infos])
-    rows = slice(None, None, 4) if dual == "deployed" else slice(None)
-    assert constraint.lam == pytest.approx(max(0.0, lam + 0.5 * float(np.mean(drop[rows] - 0.05))))
-    assert not np.isclose(np.mean(drop[::4]), np.mean(drop))  # the two rules differ on this batch
-
-
-def test_dual_deployed_needs_the_self_critical_slots(tmp_path):
-    env = ToyVecEnv(8, seed=0, group_size=4)
-    policy = SkipPolicy(D, env.space.n_bits, hidden=16, token_head=False)
-    with pytest.raises(ValueError, match="dual='deployed' needs self_critical"):
-        Reinforce(env, policy, make_constraint("lexicographic", max_quality_drop=0.01), configure(str(tmp_path), ["csv"]),
-                  ReinforceConfig(dual="deployed"))
-
-
 def test_lr_decay_holds_then_falls_linearly_to_zero(tmp_path):
     env = ToyVecEnv(8, seed=0)
     policy = SkipPolicy(D, env.space.n_bits, hidden=16, token_head=False)

@@ -259,8 +259,6 @@ def test_agent_and_constraint_values_are_validated_at_compose():
         ("agent.policies=0",): "agent.policies=0, expected a finite number > 0",
         ("agent.self_critical=true", "agent.group_size=1"): "agent.self_critical=True, expected agent.group_size >= 2",
         ("agent.lr_decay=1.5",): "agent.lr_decay=1.5, expected a fraction",
-        ("agent.dual=greedy",): "agent.dual='greedy', expected sampled or deployed",
-        ("agent.dual=deployed",): "agent.dual='deployed', expected agent.self_critical=true",
         ("agent.lr=-1",): "agent.lr=-1.0, expected a finite number > 0",
         ("agent.n_envs=0",): "agent.n_envs=0",
         ("agent.iterations=-5",): "agent.iterations=-5",

@@ -16,10 +16,7 @@ The baseline in the advantage ``A = r - b`` is, by the environment's ``group_siz
 - ``self_critical`` with ``group_size = k > 1``: the first slot of each group plays the deterministic plan
   that deployment uses (``policy.decide``, keep where the probability is at least 0.5), and ``b`` is its
   reward for the other ``k - 1`` sampled plans (self-critical sequence training); the greedy slots take no
-  gradient and are logged as ``quality/greedy`` and ``cost/greedy_flops_ratio``. With ``dual = "deployed"`` the
-  constraint handler's update (the Lagrange multiplier's dual step) sees only those greedy slots: the
-  multiplier then prices the constraint of the plans deployment runs, not of the noisier sampled ones,
-  which violate it more at the same cost (sampled token drops and sub-layer choices the greedy plan avoids).
+  gradient and are logged as ``quality/greedy`` and ``cost/greedy_flops_ratio``.
 
 ``lr_decay = f`` holds the learning rate for the first ``1 - f`` of ``iterations`` and then lowers it
 linearly to 0, so the last iterate is not caught mid-swing.
@@ -103,8 +100,6 @@ class Reinforce(Learner):
         self.group_size = int(getattr(env, "group_size", 1))
         if config.self_critical and self.group_size < 2:
             raise ValueError("self-critical training needs an environment with group_size >= 2 (the greedy plan takes one slot of each group)")
-        if getattr(config, "dual", "sampled") == "deployed" and not config.self_critical:
-            raise ValueError("dual='deployed' needs self_critical (the deployed plan plays the first slot of each group)")
         # a learned baseline only without groups; with them, the other plans for the same instance are it
         self.value = None
         if self.group_size == 1:
@@ -185,11 +180,7 @@ class Reinforce(Learner):
         if greedy is not None:
             rows["greedy"] = greedy.cpu().numpy()
         stats = gather_rows(rows, self.dist)  # the whole batch, in rank order
-        dual = stats
-        if getattr(self.cfg, "dual", "sampled") == "deployed":
-            g = stats["greedy"].astype(bool)
-            dual = {k: v[g] for k, v in stats.items() if k in ("quality", "quality_full", "cost", "budget")}
-        self.constraint.update(dual["quality"], dual["quality_full"], dual["cost"], **conditioned(self.constraint, dual))
+        self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"], **conditioned(self.constraint, stats))
         gen_loss = None
         if self.generator is not None:
             gen_loss = self.generator.step(indices, bits.cpu(), None if token_keep is None else token_keep.cpu())
