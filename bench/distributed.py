@@ -43,6 +43,23 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent
 
 
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time counters (/proc/stat, all CPUs; empty where there is none)."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_fraction(before: list[int], after: list[int]) -> float | None:
+    """The share of the CPU time between two :func:`cpu_ticks` that the hypervisor gave to other guests (steal,
+    the 8th counter): on a shared virtual machine it is what makes one run slower than the next."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    return round(delta[7] / max(1, sum(delta[:8])), 4)
+
+
 def start(args: list[str], procs: int, run_dir: Path) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if procs == 1:
@@ -94,14 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
         keys = ((1, 32), (2, 64), (2, 32), (0, 32))
         steady: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
         whole: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
+        steal: dict[tuple[int, int], list[float | None]] = {k: [] for k in keys}
         for r in range(args.repeats):
             for procs, batch in keys[:3]:
+                before = cpu_ticks()
                 summary = train(policy + [f"agent.n_envs={batch}"], procs, work / f"p{procs}-{batch}-{r}")
+                steal[procs, batch].append(steal_fraction(before, cpu_ticks()))
                 for into, x in zip((steady, whole), rates(summary, batch * iterations)):
                     into[procs, batch].append(x)
             # the machine's own ceiling: two independent 1-process trainings at once, no communication at all
+            before = cpu_ticks()
             pair = [start(policy + ["agent.n_envs=32", f"seed={i}"], 1, work / f"independent-{i}-{r}") for i in range(2)]
             both = [rates(finish(p, 1), 32 * iterations) for p in pair]
+            steal[0, 32].append(steal_fraction(before, cpu_ticks()))
             for into, x in zip((steady, whole), zip(*both)):
                 into[0, 32].append(sum(x))
     finally:
@@ -118,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         "hardware_efficiency": round(independent / (2 * one), 4),
         "scaling_efficiency_over_hardware": round(two / independent, 4),
         "instances_per_s_runs": {f"{p}proc_batch{b}" if p else "2_independent": [round(x, 2) for x in v] for (p, b), v in steady.items()},
+        # the share of CPU time the hypervisor gave to other guests during each run (a contended host)
+        "steal_fraction_runs": {f"{p}proc_batch{b}" if p else "2_independent": v for (p, b), v in steal.items()},
         # the whole policy phase, one-time costs included (process group, first collectives, the last checkpoint)
         "whole_phase_instances_per_s_1proc": round(one_w, 2), "whole_phase_instances_per_s_2proc": round(two_w, 2),
         "whole_phase_scaling_efficiency": round(two_w / (2 * one_w), 4),

@@ -107,17 +107,31 @@ def gather(obj: Any, d: Dist) -> list:
     return out
 
 
-def gather_rows(arrays: dict[str, np.ndarray], d: Dist) -> dict[str, np.ndarray]:
-    """Every rank's ``arrays`` (the same keys and shapes on every rank, rows first) concatenated along the rows
-    in rank order, on every rank, as float64: one all-gather of one float64 tensor, where :func:`gather` would pickle the
-    dict and run two collectives (a per-iteration cost that data-parallel training pays while the ranks wait)."""
+def average_gradients_and_gather_rows(params, arrays: dict[str, np.ndarray], d: Dist) -> dict[str, np.ndarray]:
+    """Average the gradients of ``params`` over the ranks, in place, and return every rank's ``arrays`` (the same
+    keys and shapes on every rank, rows first) concatenated along the rows in rank order, as float64, in one
+    collective: a single all-reduce of one float64 tensor, the gradients' sum followed by every rank's rows at
+    its own place (zeros elsewhere, so the sum is exact). An iteration of data-parallel training pays each
+    collective's round trip while the ranks wait for each other; one is the least it needs."""
     if not d.active:
         return arrays
+    params = list(params)
+    for p in params:  # a parameter no row of this rank's batch used has no gradient here, but may on another rank
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     cols = {k: np.asarray(v, dtype=np.float64).reshape(len(v), -1) for k, v in arrays.items()}
-    flat = torch.from_numpy(np.concatenate(list(cols.values()), axis=1)).to(d.device)
-    parts = [torch.empty_like(flat) for _ in range(d.world)]
-    dist.all_gather(parts, flat)
-    whole = torch.cat(parts).cpu().numpy()
+    mine = torch.from_numpy(np.concatenate(list(cols.values()), axis=1).reshape(-1))
+    n_grad, n_rows = sum(g.numel() for g in grads), mine.numel()
+    flat = torch.zeros(n_grad + d.world * n_rows, dtype=torch.float64, device=d.device)
+    flat[:n_grad] = torch.cat([g.reshape(-1) for g in grads])
+    flat[n_grad + d.rank * n_rows : n_grad + (d.rank + 1) * n_rows] = mine.to(d.device)
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_((flat[offset : offset + g.numel()] / d.world).view_as(g))
+        offset += g.numel()
+    whole = flat[n_grad:].cpu().numpy().reshape(d.world * len(next(iter(cols.values()))), -1)
     out, at = {}, 0
     for k, c in cols.items():
         out[k] = whole[:, at : at + c.shape[1]].reshape(-1, *np.shape(arrays[k])[1:])

@@ -167,24 +167,30 @@ def test_ranks_get_equal_shares_of_the_batch_dealt_by_source_length(world):
     assert max(totals) - min(totals) <= max(contiguous) - min(contiguous)
 
 
-def _gather_rows_rank(rank: int, world: int, port: int, out: str) -> None:
+def _reduce_rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from rlskip.distributed import Dist, gather_rows
+    from rlskip.distributed import Dist, average_gradients_and_gather_rows
 
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
+        used, unused = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))
+        used.grad = torch.full((2, 3), float(rank + 1)) + torch.arange(6.0).view(2, 3)
+        if rank == 1:  # a parameter only one rank's batch reached
+            unused.grad = torch.ones(4)
         rows = {"quality": np.arange(3.0) + 10 * rank, "bits": np.full((3, 4), rank, dtype=np.float64)}
-        got = gather_rows(rows, Dist(rank=rank, world=world))
+        got = average_gradients_and_gather_rows([used, unused], rows, Dist(rank=rank, world=world))
         np.save(Path(out) / f"q{rank}.npy", got["quality"])
         np.save(Path(out) / f"b{rank}.npy", got["bits"])
+        np.save(Path(out) / f"g{rank}.npy", used.grad.numpy())
+        np.save(Path(out) / f"u{rank}.npy", unused.grad.numpy())
     finally:
         dist.destroy_process_group()
 
 
-def test_gather_rows_concatenates_every_ranks_rows_in_rank_order(tmp_path):
+def test_one_collective_averages_gradients_and_gathers_rows_in_rank_order(tmp_path):
     ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_gather_rows_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=_reduce_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -194,3 +200,5 @@ def test_gather_rows_concatenates_every_ranks_rows_in_rank_order(tmp_path):
         np.testing.assert_array_equal(np.load(tmp_path / f"q{r}.npy"), [0, 1, 2, 10, 11, 12])
         bits = np.load(tmp_path / f"b{r}.npy")
         assert bits.shape == (6, 4) and (bits[:3] == 0).all() and (bits[3:] == 1).all()
+        np.testing.assert_array_equal(np.load(tmp_path / f"g{r}.npy"), 1.5 + np.arange(6.0).reshape(2, 3))
+        np.testing.assert_array_equal(np.load(tmp_path / f"u{r}.npy"), np.full(4, 0.5))

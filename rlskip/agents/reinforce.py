@@ -41,7 +41,7 @@ from torch import nn
 
 from rlskip.agents.base import Learner
 from rlskip.agents.tb import batch_stats, conditioned, record_batch
-from rlskip.distributed import Dist, average_gradients, gather_rows
+from rlskip.distributed import Dist, average_gradients_and_gather_rows
 
 
 class ValueHead(nn.Module):
@@ -172,14 +172,13 @@ class Reinforce(Learner):
         loss = pg_loss - self.cfg.entropy_coef * entropy.mean() + self.cfg.value_coef * v_loss
         self.optimizer.zero_grad()
         loss.backward()
-        average_gradients(self._params, self.dist)
-        nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-
         rows = batch_stats(infos)
         if greedy is not None:
             rows["greedy"] = greedy.cpu().numpy()
-        stats = gather_rows(rows, self.dist)  # the whole batch, in rank order
+        # one collective: the gradients averaged over the ranks, and the whole batch's rows in rank order
+        stats = average_gradients_and_gather_rows(self._params, rows, self.dist)
+        nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
+        self.optimizer.step()
         self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"], **conditioned(self.constraint, stats))
         gen_loss = None
         if self.generator is not None:
