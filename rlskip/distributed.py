@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -107,14 +107,16 @@ def gather(obj: Any, d: Dist) -> list:
     return out
 
 
-def average_gradients_and_gather_rows(params, arrays: dict[str, np.ndarray], d: Dist) -> dict[str, np.ndarray]:
-    """Average the gradients of ``params`` over the ranks, in place, and return every rank's ``arrays`` (the same
-    keys and shapes on every rank, rows first) concatenated along the rows in rank order, as float64, in one
-    collective: a single all-reduce of one float64 tensor, the gradients' sum followed by every rank's rows at
-    its own place (zeros elsewhere, so the sum is exact). An iteration of data-parallel training pays each
-    collective's round trip while the ranks wait for each other; one is the least it needs."""
+def average_gradients_and_gather_rows(params, arrays: dict[str, np.ndarray], d: Dist) -> Callable[[], dict[str, np.ndarray]]:
+    """Start averaging the gradients of ``params`` over the ranks and gathering every rank's ``arrays`` (the same
+    keys and shapes on every rank, rows first), in one collective: a single all-reduce of one float64 tensor,
+    the gradients' sum followed by every rank's rows at its own place (zeros elsewhere, so the sum is exact).
+    Returns ``finish``: it waits for the collective, writes the averaged gradients in place and returns the
+    rows of every rank concatenated in rank order, as float64. The collective runs in the background until then,
+    so the caller can do other work meanwhile (each iteration of data-parallel training otherwise waits out a
+    round trip and the slower rank)."""
     if not d.active:
-        return arrays
+        return lambda: arrays
     params = list(params)
     for p in params:  # a parameter no row of this rank's batch used has no gradient here, but may on another rank
         if p.grad is None:
@@ -126,17 +128,22 @@ def average_gradients_and_gather_rows(params, arrays: dict[str, np.ndarray], d: 
     flat = torch.zeros(n_grad + d.world * n_rows, dtype=torch.float64, device=d.device)
     flat[:n_grad] = torch.cat([g.reshape(-1) for g in grads])
     flat[n_grad + d.rank * n_rows : n_grad + (d.rank + 1) * n_rows] = mine.to(d.device)
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_((flat[offset : offset + g.numel()] / d.world).view_as(g))
-        offset += g.numel()
-    whole = flat[n_grad:].cpu().numpy().reshape(d.world * len(next(iter(cols.values()))), -1)
-    out, at = {}, 0
-    for k, c in cols.items():
-        out[k] = whole[:, at : at + c.shape[1]].reshape(-1, *np.shape(arrays[k])[1:])
-        at += c.shape[1]
-    return out
+    work = dist.all_reduce(flat, async_op=True)
+
+    def finish() -> dict[str, np.ndarray]:
+        work.wait()
+        offset = 0
+        for g in grads:
+            g.copy_((flat[offset : offset + g.numel()] / d.world).view_as(g))
+            offset += g.numel()
+        whole = flat[n_grad:].cpu().numpy().reshape(d.world * len(next(iter(cols.values()))), -1)
+        out, at = {}, 0
+        for k, c in cols.items():
+            out[k] = whole[:, at : at + c.shape[1]].reshape(-1, *np.shape(arrays[k])[1:])
+            at += c.shape[1]
+        return out
+
+    return finish
 
 
 def barrier(d: Dist) -> None:

@@ -179,7 +179,7 @@ def _reduce_rank(rank: int, world: int, port: int, out: str) -> None:
         if rank == 1:  # a parameter only one rank's batch reached
             unused.grad = torch.ones(4)
         rows = {"quality": np.arange(3.0) + 10 * rank, "bits": np.full((3, 4), rank, dtype=np.float64)}
-        got = average_gradients_and_gather_rows([used, unused], rows, Dist(rank=rank, world=world))
+        got = average_gradients_and_gather_rows([used, unused], rows, Dist(rank=rank, world=world))()
         np.save(Path(out) / f"q{rank}.npy", got["quality"])
         np.save(Path(out) / f"b{rank}.npy", got["bits"])
         np.save(Path(out) / f"g{rank}.npy", used.grad.numpy())

@@ -186,6 +186,24 @@ def test_vec_env_equals_dummy_vec_env_of_skip_envs(model, tokenizer, task, examp
         vec_obs = next_obs  # the auto-reset instances are the next round's
 
 
+def test_execute_then_advance_is_one_step(model, tokenizer, task, examples):
+    """The two halves a learner calls itself (other work between them) give what ``step`` gives."""
+    whole, halves = (make_vec(model, tokenizer, task, examples, num_envs=4, seed=7) for _ in range(2))
+    obs_w, obs_h = whole.reset(), halves.reset()
+    for round_ in range(2):
+        actions = random_actions(whole, 4, seed=20 + round_)
+        obs_w, rewards_w, _, infos_w = whole.step(actions)
+        rewards_h, infos_h = halves.execute(actions)
+        with pytest.raises(RuntimeError, match="call advance"):
+            halves.execute(actions)  # the same instances twice
+        obs_h = halves.advance()
+        np.testing.assert_array_equal(rewards_w, rewards_h)
+        assert [i["text"] for i in infos_w] == [i["text"] for i in infos_h]
+        assert whole.current_indices() == halves.current_indices()
+        for key in obs_w:
+            np.testing.assert_array_equal(obs_w[key], obs_h[key])
+
+
 def test_swapping_the_constraint_changes_reward_only(model, tokenizer, task, examples):
     class Doubled:
         lam = 0.0

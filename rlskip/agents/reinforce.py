@@ -150,7 +150,11 @@ class Reinforce(Learner):
         keep_tokens = torch.ones_like(obs["token_mask"]) if token_keep is None else token_keep
         action = torch.cat([bits, keep_tokens], 1).to(torch.int8).cpu().numpy()
         indices = self.env.current_indices() if self.generator is not None else None
-        self._obs, rewards, _, infos = self.env.step(action)
+        split = hasattr(self.env, "execute")  # SkipVecEnv: observe the next batch while the collective runs
+        if split:
+            rewards, infos = self.env.execute(action)
+        else:
+            self._obs, rewards, _, infos = self.env.step(action)
 
         r = torch.as_tensor(rewards, dtype=torch.float32, device=logp.device)
         v_loss = torch.zeros((), device=logp.device)
@@ -175,15 +179,20 @@ class Reinforce(Learner):
         rows = batch_stats(infos)
         if greedy is not None:
             rows["greedy"] = greedy.cpu().numpy()
-        # one collective: the gradients averaged over the ranks, and the whole batch's rows in rank order
-        stats = average_gradients_and_gather_rows(self._params, rows, self.dist)
+        # one collective: the gradients averaged over the ranks, and the whole batch's rows in rank order; the
+        # next batch is drawn and observed while it runs (after the generator's update, in joint mode)
+        reduced = average_gradients_and_gather_rows(self._params, rows, self.dist)
+        if split and self.generator is None:
+            self._obs = self.env.advance()
+        stats = reduced()
         nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.constraint.update(stats["quality"], stats["quality_full"], stats["cost"], **conditioned(self.constraint, stats))
         gen_loss = None
         if self.generator is not None:
             gen_loss = self.generator.step(indices, bits.cpu(), None if token_keep is None else token_keep.cpu())
-            self._obs = self.env.observe_again()  # the next batch, as the tuned generator sees it
+            # the next batch, as the tuned generator sees it
+            self._obs = self.env.advance() if split else self.env.observe_again()
         self.iteration += 1
         if log:
             record_batch(self.logger, self.env.space, stats, self.constraint, image=image)

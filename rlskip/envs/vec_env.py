@@ -188,9 +188,22 @@ class SkipVecEnv(RolloutFront, VecEnv):
         self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        if not self._slots or self._obs is None or self._actions is None:
+        if self._actions is None:
             raise RuntimeError("call reset() before step(), and step_async() before step_wait()")
         actions, self._actions = self._actions, None
+        rewards, infos = self.execute(actions)
+        return self.advance(), rewards, np.ones(self.num_envs, dtype=bool), infos
+
+    def execute(self, actions: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The first half of a step: execute ``actions`` on the held instances (every episode is one step, so
+        all of them end); returns the rewards and the infos. :meth:`advance` then draws and observes the next
+        instances. A learner calls the two halves itself to do other work between them (a data-parallel
+        learner's collective is in flight while the next batch is observed)."""
+        if not self._slots:
+            raise RuntimeError("call reset() before step()")
+        if self._obs is None:
+            raise RuntimeError("these instances were executed already: call advance() for the next ones")
+        actions = np.asarray(actions)
         if actions.shape[:1] != (self.num_envs,):
             raise ValueError(f"expected one action per slot ({self.num_envs}), got actions of shape {list(actions.shape)}")
         rewards, infos = self.rollout.step(self._obs, self._slots, actions, self.constraint)
@@ -198,8 +211,12 @@ class SkipVecEnv(RolloutFront, VecEnv):
         for j, info in enumerate(infos):
             info["terminal_observation"] = {k: v[j].copy() for k, v in finished.items()}
             info["TimeLimit.truncated"] = False
-        obs = self._load(self._draw([{}] * self.num_envs))
-        return obs, rewards.astype(np.float32), np.ones(self.num_envs, dtype=bool), infos
+        self._obs = None  # executed: the next step needs advance()
+        return rewards.astype(np.float32), infos
+
+    def advance(self) -> VecEnvObs:
+        """The second half of a step: draw the next instances and observe them (what ``step`` returns)."""
+        return self._load(self._draw([{}] * self.num_envs))
 
     def close(self) -> None:
         self._slots, self._obs, self._arrays = [], None, {}
