@@ -23,8 +23,9 @@ class GeneratorTuner:
         env: the learner's environment (a :class:`rlskip.envs.SkipVecEnv`): its runtime wraps the generator
             (updated in place), its encoder makes the inputs the policy sees, its instance indices name the
             examples; its cache of full-model outputs is cleared after each step (the full model changed), and
-            the learner then observes its held instances again (``observe_again``), so the next step's policy
-            input and execution come from the tuned generator, as after a resume.
+            the learner then observes the next instances (REINFORCE draws them after the step, ``advance``; PPO
+            observes its held ones again, ``observe_again``), so the next step's policy input and execution come
+            from the tuned generator, as after a resume.
         lr: the generator's learning rate.
         dist: this process's place in a data-parallel job: gradients are averaged over the ranks, so every rank
             keeps the same generator.
