@@ -80,22 +80,32 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _gradients(params) -> list[torch.Tensor]:
+    """The gradients of ``params``, zeros for a parameter that has none here: no row of this rank's batch used
+    it, but one on another rank may have (every rank must send the same layout)."""
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def _write_average(grads: list[torch.Tensor], summed: torch.Tensor, world: int) -> None:
+    """Write the all-reduced sum ``summed`` (the flat gradients first) back into ``grads`` as the average."""
+    offset = 0
+    for g in grads:
+        g.copy_((summed[offset : offset + g.numel()] / world).view_as(g))
+        offset += g.numel()
+
+
 def average_gradients(params, d: Dist) -> None:
     """Average the gradients of ``params`` over the ranks, in place (one flat all-reduce)."""
     if not d.active:
         return
-    params = list(params)
-    for p in params:  # a parameter no row of this rank's batch used has no gradient here, but may on another rank
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    grads = _gradients(params)
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= d.world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    _write_average(grads, flat, d.world)
 
 
 def gather(obj: Any, d: Dist) -> list:
@@ -117,11 +127,7 @@ def average_gradients_and_gather_rows(params, arrays: dict[str, np.ndarray], d: 
     round trip and the slower rank)."""
     if not d.active:
         return lambda: arrays
-    params = list(params)
-    for p in params:  # a parameter no row of this rank's batch used has no gradient here, but may on another rank
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    grads = _gradients(params)
     cols = {k: np.asarray(v, dtype=np.float64).reshape(len(v), -1) for k, v in arrays.items()}
     mine = torch.from_numpy(np.concatenate(list(cols.values()), axis=1).reshape(-1))
     n_grad, n_rows = sum(g.numel() for g in grads), mine.numel()
@@ -132,10 +138,7 @@ def average_gradients_and_gather_rows(params, arrays: dict[str, np.ndarray], d: 
 
     def finish() -> dict[str, np.ndarray]:
         work.wait()
-        offset = 0
-        for g in grads:
-            g.copy_((flat[offset : offset + g.numel()] / d.world).view_as(g))
-            offset += g.numel()
+        _write_average(grads, flat, d.world)
         whole = flat[n_grad:].cpu().numpy().reshape(d.world * len(next(iter(cols.values()))), -1)
         out, at = {}, 0
         for k, c in cols.items():
