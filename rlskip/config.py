@@ -76,6 +76,8 @@ class AgentConfig:
     value_coef: float = 0.5
     max_grad_norm: float = 1.0
     token_head: bool = False  # decide per input token too (token dropping)
+    token_features: bool = False  # the token head also reads each token's relative position and relative log-RMS
+    bit_head: bool = True  # decide the attention / feed-forward candidates (false: keep them all, drop tokens only)
     length_input: bool = True  # the policy also reads log(1 + input length)
     # Scale each batch's advantages to unit spread. Off: it rescales every batch by its own spread, which undoes
     # the constraint's exchange rate between quality and compute (docs/experiments.md, 2026-10).
@@ -345,6 +347,8 @@ def validate_train(cfg: DictConfig) -> None:
     if not 0.5 <= cfg.eval.calibration_confidence < 1.0:
         raise _bad("eval.calibration_confidence", cfg.eval.calibration_confidence, "a value in [0.5, 1)")
     a, c = cfg.agent, cfg.constraint
+    if not (a.bit_head or a.token_head):
+        raise _bad("agent.bit_head", False, "agent.token_head=true (a policy without either decides nothing)")
     if a.name == "reinforce":
         if a.group_size < 1 or a.n_envs % a.group_size:
             raise _bad("agent.group_size", a.group_size, f"a positive divisor of agent.n_envs={a.n_envs}")

@@ -18,6 +18,8 @@ agreeing plans, :mod:`rlskip.batching`, as inference and serving run) and with F
   ``eval.static_search=influence``: ShortGPT's block-influence order, :func:`rlskip.evaluation.influence_static_path`);
 - ``random@<point>``: per-instance random plans whose keep probability is calibrated so the mean FLOPs
   ratio matches the policy point's (a linear guess from the all-skip floor, then up to two secant steps);
+- ``lead@<point>`` (when the policy drops input tokens): every sub-layer kept and only the first fraction of
+  each input's droppable tokens, the fraction calibrated the same way to the policy point's FLOPs;
 - ``early_exit@<threshold>`` (generation): CALM-style confident early exit (:class:`rlskip.methods.EarlyExit`,
   greedy); ``truncate@<k>`` (classification with a single-stack encoder): every layer after ``k`` skipped.
 
@@ -101,11 +103,14 @@ def evaluate(args: DictConfig) -> dict:
     from rlskip.encoding import encoder_for
     from rlskip.envs.data import build_task, load_examples, with_task_defaults
     from rlskip.execute import Executor
-    from rlskip.evaluation import EvalData, latency_ratio, run_method, static_at, static_search_path
+    from rlskip.evaluation import (
+        EvalData, calibrate_keep_prob, latency_ratio, lead_fraction, run_method, static_at, static_search_path,
+    )
     from rlskip.checkpoint import load_checkpoint, verify_backbone
     from rlskip.inference import load
     from rlskip.methods import (
-        EarlyExit, every_other_layer_bits, full_model, planned, policy_plans, random_plans, static_plan, truncation_bits,
+        EarlyExit, every_other_layer_bits, full_model, lead_tokens, planned, policy_plans, random_plans, static_plan,
+        truncation_bits,
     )
 
     cfg = evaluation_config(args)
@@ -149,6 +154,8 @@ def evaluate(args: DictConfig) -> dict:
         lbt = latency_ratio(ex, lat, method, cfg.eval.latency_batch, args.repeats, plan_aware=True)
         # a method without plans (early exit) has no plan-aware batching: its FIFO figure is the batched one
         fifo = latency_ratio(ex, lat, method, cfg.eval.latency_batch, args.repeats) if hasattr(method, "source") else lbt
+        if kind == "policy" and space.token_dropping:
+            extra = {**extra, "input_kept_ratio": res.input_kept_ratio}
         return Row(name, kind, res.quality, res.flops_ratio, lb1, lbt, fifo, param, extra)
 
     # the plan of work: a list of thunks, so the progress bar counts methods
@@ -200,7 +207,18 @@ def evaluate(args: DictConfig) -> dict:
             out.append(row(f"random@{label or 'policy'}", "random", planned(random_plans(space, p)), param=p, keep_prob=p))
         return out
 
+    def lead_rows():
+        out = []
+        for (label, _), pr in zip(points, policy_rows):
+            if not pr.extra.get("input_kept_ratio", 1.0) < 1.0:
+                continue
+            q = lead_fraction(ex, task, data, pr.flops_ratio)
+            out.append(row(f"lead@{label or 'policy'}", "lead", planned(lead_tokens(space, q)), param=q, fraction=q))
+        return out
+
     jobs += [("static", static_rows), ("random", random_rows)]
+    if space.token_dropping:
+        jobs.append(("lead", lead_rows))
     if task.kind == "generation":
         for th in args.thresholds:
             jobs.append((f"early_exit@{th:g}", lambda th=th: [row(f"early_exit@{th:g}", "early_exit", EarlyExit(th), param=th)]))
@@ -222,26 +240,6 @@ def evaluate(args: DictConfig) -> dict:
     }
     write_outputs(Path(args.out) if args.out is not None else run_dir / "eval", result)
     return result
-
-
-def calibrate_keep_prob(ratio_at: Callable[[float], float], target: float, floor: float, tol: float = 0.01) -> float:
-    """Keep probability whose measured mean FLOPs ratio is ``target``: the linear guess between the all-skip
-    ``floor`` (p = 0) and the full model (p = 1), then up to two secant steps on the bracketing points."""
-    lo, hi = (0.0, floor), (1.0, 1.0)
-    p = min(1.0, max(0.0, (target - floor) / max(1e-9, 1.0 - floor)))
-    for _ in range(2):
-        r = ratio_at(p)
-        if abs(r - target) <= tol:
-            break
-        if r > target:
-            hi = (p, r)
-        else:
-            lo = (p, r)
-        if hi[1] - lo[1] <= 1e-9:
-            break
-        p = lo[0] + (target - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
-        p = min(1.0, max(0.0, p))
-    return p
 
 
 # ---- outputs --------------------------------------------------------------------------------------------

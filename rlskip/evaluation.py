@@ -20,7 +20,7 @@ import torch
 from rlskip.batching import POOL_BATCHES, run_pool
 from rlskip.distributed import current, gather
 from rlskip.execute import Executor
-from rlskip.methods import Method, full_model, planned, static_plan
+from rlskip.methods import Method, full_model, lead_tokens, planned, static_plan
 from rlskip.metrics import get_metric
 from rlskip.plan import Plan
 
@@ -57,6 +57,7 @@ class MethodResult:
     per_item_flops_ratio: list[float] = field(default_factory=list)
     predictions: list = field(default_factory=list)
     by_group: dict[str, float] = field(default_factory=dict)
+    input_kept_ratio: float | None = None  # mean share of input tokens left after token dropping (run_method)
 
 
 def run_method(ex: Executor, task, data: EvalData, method: Method, batch_size: int = 64) -> MethodResult:
@@ -66,12 +67,17 @@ def run_method(ex: Executor, task, data: EvalData, method: Method, batch_size: i
     outs = {}
     for i, (_, rows) in enumerate(data.batches(batch_size)):
         if i % d.world == d.rank:
-            out = method(ex, ex.observe(rows))
-            outs[i] = (out.predictions, out.flops_ratio.tolist())
+            obs = ex.observe(rows)
+            out = method(ex, obs)
+            kept = (out.input_kept.cpu().double() / obs.lengths.cpu().double()).tolist()
+            outs[i] = (out.predictions, out.flops_ratio.tolist(), kept)
     merged = {i: o for part in gather(outs, d) for i, o in part.items()}
     preds = [p for i in sorted(merged) for p in merged[i][0]]
     ratios = [r for i in sorted(merged) for r in merged[i][1]]
-    return score_outputs(task, data.examples, preds, ratios)
+    kept = [k for i in sorted(merged) for k in merged[i][2]]
+    result = score_outputs(task, data.examples, preds, ratios)
+    result.input_kept_ratio = sum(kept) / max(len(kept), 1)
+    return result
 
 
 def score_outputs(task, examples: Sequence, preds: list, ratios: list[float]) -> MethodResult:
@@ -203,6 +209,34 @@ def latency_ratio(
     return sum(map(statistics.median, t_method)) / sum(map(statistics.median, t_full))
 
 
+def calibrate_keep_prob(ratio_at, target: float, floor: float, tol: float = 0.01) -> float:
+    """Keep probability (or fraction) whose measured mean FLOPs ratio ``ratio_at(p)`` is ``target``: the linear
+    guess between the ``floor`` (p = 0) and the full model (p = 1), then up to two secant steps on the bracketing
+    points."""
+    lo, hi = (0.0, floor), (1.0, 1.0)
+    p = min(1.0, max(0.0, (target - floor) / max(1e-9, 1.0 - floor)))
+    for _ in range(2):
+        r = ratio_at(p)
+        if abs(r - target) <= tol:
+            break
+        if r > target:
+            hi = (p, r)
+        else:
+            lo = (p, r)
+        if hi[1] - lo[1] <= 1e-9:
+            break
+        p = lo[0] + (target - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
+        p = min(1.0, max(0.0, p))
+    return p
+
+
+def lead_fraction(ex: Executor, task, data: EvalData, flops_ratio: float) -> float:
+    """The fraction of droppable tokens :func:`rlskip.methods.lead_tokens` keeps so that its FLOPs ratio on
+    ``data`` matches ``flops_ratio`` (:func:`calibrate_keep_prob`)."""
+    floor = run_method(ex, task, data, planned(lead_tokens(ex.space, 0.0))).flops_ratio
+    return calibrate_keep_prob(lambda q: run_method(ex, task, data, planned(lead_tokens(ex.space, q))).flops_ratio, flops_ratio, floor)
+
+
 def fidelity(task, predictions: list, full_predictions: list) -> float:
     """Agreement with the full model's own outputs: the task's metric with those outputs as the references
     (ROUGE-L for a ROUGE-scored task; label agreement, exact match or SQuAD F1 otherwise)."""
@@ -232,7 +266,11 @@ def final_evaluation(
     """The policy against the full model on held-out data, the best static plans found on ``search_data`` at
     and just above the policy's FLOPs, and the measured latency ratio: batched with plan-aware batching
     (``latency_ratio``) and FIFO batches (``latency_ratio_fifo``), and at batch 1; the policy's and the static
-    plan's fidelity to the full model's own outputs, and every metric the task reports for the three."""
+    plan's fidelity to the full model's own outputs, and every metric the task reports for the three.
+
+    When the policy drops input tokens, also the lead of each input at equal FLOPs (``lead_*``: every sub-layer
+    kept, the first fraction of the droppable tokens, the fraction matched to the policy's FLOPs on
+    ``search_data``)."""
     full = run_method(ex, task, eval_data, planned(full_model(ex.space)))
     pol = run_method(ex, task, eval_data, policy_method)
     path = static_search_path(ex, task, search_data, pol.flops_ratio, static_search)
@@ -245,6 +283,14 @@ def final_evaluation(
     def measured(*args, **kwargs) -> float | None:
         return latency_ratio(*args, **kwargs) if main else None
 
+    lead = {}
+    if ex.space.token_dropping and pol.input_kept_ratio is not None and pol.input_kept_ratio < 1.0:
+        q = lead_fraction(ex, task, search_data, pol.flops_ratio)
+        r = run_method(ex, task, eval_data, planned(lead_tokens(ex.space, q)))
+        lead = {
+            "lead_quality_at_equal_flops": r.quality, "lead_flops_ratio": r.flops_ratio, "lead_fraction": q,
+            "lead_fidelity": fidelity(task, r.predictions, full.predictions),
+        }
     return {
         "task": task.name, "metric": task.metric, "n_eval": len(eval_data),
         "quality_full": full.quality, "quality": pol.quality, "flops_ratio": pol.flops_ratio,
@@ -258,4 +304,6 @@ def final_evaluation(
         "fidelity": fidelity(task, pol.predictions, full.predictions),
         "static_fidelity": fidelity(task, static.predictions, full.predictions),
         "metrics": {name: reported_metrics(task, eval_data, r) for name, r in (("full", full), ("policy", pol), ("static", static))},
+        "input_kept_ratio": pol.input_kept_ratio,
+        **lead,
     }

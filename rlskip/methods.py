@@ -9,6 +9,8 @@ Most methods decide a plan per instance and let the executor run it; they are bu
   every-other-layer pruning :func:`every_other_layer_bits`, or truncation after layer ``k``
   :func:`truncation_bits`, the early-exit reference of encoders);
 - :func:`random_plans`: each candidate kept independently with a given probability;
+- :func:`lead_tokens`: every candidate kept, and of each input's droppable tokens only the first fraction (the
+  lead of a document: the static reference for a policy that drops input tokens);
 - :func:`policy_plans`: a learned policy's deterministic decisions.
 
 :class:`EarlyExit` is CALM-style confident early exit per generated token (Schuster et al., 2022): it
@@ -63,6 +65,24 @@ def random_plans(space: SkipSpace, keep_prob: float, seed: int = 0) -> PlanSourc
     """Each instance keeps each skippable candidate with probability ``keep_prob`` (independently)."""
     gen = torch.Generator().manual_seed(seed)
     return lambda obs: (Plan(space, torch.rand(obs.batch_size, space.n_bits, generator=gen) < keep_prob), _free(obs))
+
+
+def lead_tokens(space: SkipSpace, fraction: float) -> PlanSource:
+    """Every candidate kept; of each instance's droppable tokens (real, not always kept) the first
+    ``ceil(fraction * n)`` survive the first layer, the rest are dropped."""
+    if not space.token_dropping:
+        raise ValueError(f"lead_tokens needs a space with token dropping, got a {space.describe()}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"lead_tokens fraction must lie in [0, 1], got {fraction}")
+
+    def source(obs: Observation):
+        droppable = obs.attention_mask & ~obs.always_keep
+        rank = droppable.long().cumsum(1)
+        n = torch.ceil(droppable.sum(1, keepdim=True).to(torch.float64) * fraction).long()
+        keep = obs.attention_mask & (~droppable | (rank <= n))
+        return Plan(space, torch.ones(obs.batch_size, space.n_bits, dtype=torch.bool), keep.cpu()), _free(obs)
+
+    return source
 
 
 def policy_plans(policy, space: SkipSpace, threshold: float = 0.5, budget: float | None = None) -> PlanSource:

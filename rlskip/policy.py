@@ -11,6 +11,12 @@ serves several budgets chosen at inference. With ``length_input`` so is ``log(1 
 source tokens, special ones included (``token_mask.sum()``): a mean over tokens keeps little of how many
 there were, and length is the first thing difficulty and cost depend on.
 
+With ``token_features`` the token head also reads two scalars per token that its LayerNorm would otherwise
+hide: the token's relative position among the real tokens (0 first, 1 last; a rotary-position model's first
+layer carries little absolute position) and the log of its hidden state's RMS relative to the row's mean
+(some tokens' states are far larger than the rest). Without ``bit_head`` every candidate is always kept (a
+constant logit, nothing learned): the policy only drops tokens.
+
 Every output layer starts with tiny weights and a bias of ``init_keep_logit``: at the start nearly
 everything is kept (sigmoid(3) ~ 0.95) whatever the input, so early rollouts run close to the full model
 and early rewards are informative (the same reason Stable-Baselines3 initialises its action head with
@@ -30,6 +36,8 @@ from rlskip.runtime.base import Observation
 
 # output weights start this small so initial logits are ~init_keep_logit for any input
 _OUT_GAIN = 0.01
+# the bit logit of a policy without a bit head: sigmoid is 1.0 in float32, above every calibration threshold
+_ALWAYS_KEEP = 40.0
 
 
 def observation_inputs(obs: Observation) -> dict[str, torch.Tensor]:
@@ -57,6 +65,8 @@ class SkipPolicy(nn.Module):
         budget_input: whether a compute budget in [0, 1] is an input (then it is required).
         init_keep_logit: initial logit of every keep decision; 3.0 keeps ~95% at the start.
         length_input: whether ``log(1 + source length)`` is an input (then ``token_mask`` is required).
+        token_features: whether the token head also reads each token's relative position and relative log-RMS.
+        bit_head: whether the policy decides the candidates; without it every candidate is kept.
     """
 
     def __init__(
@@ -68,6 +78,8 @@ class SkipPolicy(nn.Module):
         budget_input: bool = False,
         init_keep_logit: float = 3.0,
         length_input: bool = False,
+        token_features: bool = False,
+        bit_head: bool = True,
     ) -> None:
         super().__init__()
         for label, v in (("d_model", d_model), ("n_bits", n_bits), ("hidden", hidden)):
@@ -76,20 +88,25 @@ class SkipPolicy(nn.Module):
         self.init_kwargs = {
             "d_model": int(d_model), "n_bits": int(n_bits), "hidden": int(hidden), "token_head": bool(token_head),
             "budget_input": bool(budget_input), "init_keep_logit": float(init_keep_logit),
-            "length_input": bool(length_input),
+            "length_input": bool(length_input), "token_features": bool(token_features), "bit_head": bool(bit_head),
         }
+        if not (token_head or bit_head):
+            raise ValueError("SkipPolicy needs a bit head or a token head: it would decide nothing")
         self.d_model, self.n_bits = int(d_model), int(n_bits)
         self.budget_input = bool(budget_input)
         self.length_input = bool(length_input)
         # hidden states of different backbones (and layers) differ in scale by orders of magnitude
         self.pooled_norm = nn.LayerNorm(d_model)
         self.trunk = nn.Sequential(nn.Linear(d_model + int(budget_input) + int(length_input), hidden), nn.Tanh())
-        self.bit_out = nn.Linear(hidden, n_bits)
-        self._init_out(self.bit_out, init_keep_logit)
+        self.bit_head = bool(bit_head)
+        if self.bit_head:
+            self.bit_out = nn.Linear(hidden, n_bits)
+            self._init_out(self.bit_out, init_keep_logit)
         self.token_head = bool(token_head)
+        self.token_features = bool(token_features) and self.token_head
         if self.token_head:
             self.token_norm = nn.LayerNorm(d_model)
-            self.token_in = nn.Linear(d_model, hidden)
+            self.token_in = nn.Linear(d_model + 2 * int(self.token_features), hidden)
             self.token_ctx = nn.Linear(hidden, hidden, bias=False)  # once per row: document and budget context
             self.token_out = nn.Linear(hidden, 1)
             self._init_out(self.token_out, init_keep_logit)
@@ -149,10 +166,16 @@ class SkipPolicy(nn.Module):
         if self.length_input:
             x = torch.cat([x, torch.log1p(token_mask.sum(1, keepdim=True).to(x.dtype))], dim=1)
         z = self.trunk(x)
-        bit_logits = self.bit_out(z)
+        if self.bit_head:
+            bit_logits = self.bit_out(z)
+        else:
+            bit_logits = torch.full((z.shape[0], self.n_bits), _ALWAYS_KEEP, dtype=z.dtype, device=z.device)
         token_logits = None
         if self.token_head and tokens is not None:
-            t = torch.tanh(self.token_in(self.token_norm(tokens)) + self.token_ctx(z).unsqueeze(1))
+            t = self.token_norm(tokens)
+            if self.token_features:
+                t = torch.cat([t, self._token_features(tokens, token_mask)], dim=-1)
+            t = torch.tanh(self.token_in(t) + self.token_ctx(z).unsqueeze(1))
             token_logits = self.token_out(t).squeeze(-1)
             if token_mask is not None:
                 # whatever sits at padded positions (even NaN) must not leak into sampling or log-probs
@@ -161,6 +184,18 @@ class SkipPolicy(nn.Module):
         if not all(bool(x.isfinite().all()) for x in (bit_logits, token_logits) if x is not None):
             raise ValueError("SkipPolicy produced non-finite logits: NaN or inf in the hidden states or the policy weights")
         return bit_logits, token_logits
+
+    @staticmethod
+    def _token_features(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """``[B, S, 2]``: relative position among the real tokens, and log-RMS minus the row's mean log-RMS."""
+        m = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if token_mask is None else token_mask
+        mf = m.to(tokens.dtype)
+        n = mf.sum(1, keepdim=True)
+        position = ((mf.cumsum(1) - 1).clamp_min(0) / (n - 1).clamp_min(1)) * mf
+        log_rms = 0.5 * torch.log(tokens.detach().pow(2).mean(-1).clamp_min(1e-12))
+        log_rms = torch.where(m, log_rms, torch.zeros_like(log_rms))
+        rel = (log_rms - log_rms.sum(1, keepdim=True) / n.clamp_min(1)) * mf
+        return torch.stack([position, rel], dim=-1)
 
     def evaluate_actions(
         self,
@@ -272,12 +307,12 @@ class SkipPolicy(nn.Module):
         """FLOPs of one decision for an instance of ``source_len`` tokens (add it to the plan's cost).
 
         The trunk, bit head and token context run once per instance; the token head once per token.
-        LayerNorms are not counted, as in :mod:`rlskip.flops`.
+        LayerNorms (and the token features' RMS) are not counted, as in :mod:`rlskip.flops`.
 
         Args:
             source_len: source tokens the token head reads (the full source: it runs before dropping).
         """
-        per_row = mlp_flops(self.trunk) + mlp_flops(self.bit_out)
+        per_row = mlp_flops(self.trunk) + (mlp_flops(self.bit_out) if self.bit_head else 0.0)
         if not self.token_head:
             return per_row
         per_row += mlp_flops(self.token_ctx)

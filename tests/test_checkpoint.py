@@ -259,3 +259,15 @@ def test_backbone_ref_is_json_and_names_the_model(bart, ref):
     assert ref["config"]["d_model"] == 32 and ref["content_hash"] == backbone_hash(bart)
     assert json.loads(json.dumps(ref)) == ref
     assert make_backbone_ref(bart, "bart", revision="abc123")["revision"] == "abc123"
+
+
+def test_a_tokens_only_policy_with_token_features_round_trips(tmp_path, space, ref):
+    torch.manual_seed(0)
+    pol = SkipPolicy(32, space.n_bits, hidden=8, token_head=True, token_features=True, bit_head=False, init_keep_logit=0.0)
+    torch.nn.init.normal_(pol.token_out.weight)
+    save_checkpoint(tmp_path, pol, space, ref, step=3)
+    again = load_policy(tmp_path)
+    assert again.init_kwargs == pol.init_kwargs and not again.bit_head and again.token_features
+    x, toks, mask = torch.randn(2, 32), torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    for a, b in zip(pol(x, toks, mask), again(x, toks, mask)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

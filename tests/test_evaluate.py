@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 from pathlib import Path
 
 import pytest
 
-from rlskip.evaluate import calibrate_keep_prob
+from rlskip.evaluation import calibrate_keep_prob
 from rlskip.evaluate import main as evaluate_main
 
 from test_inference import _error_line, one_thread, trained_run  # noqa: F401  (one_thread: autouse)
@@ -111,3 +112,33 @@ def test_fidelity_scores_outputs_against_the_full_models_own_outputs():
     assert fidelity(SimpleNamespace(metric="rouge2"), pred, full) == pytest.approx(want)
     assert fidelity(SimpleNamespace(metric="rougeL"), full, full) == 1.0
     assert fidelity(SimpleNamespace(metric="accuracy"), [0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
+
+
+def test_lead_tokens_keeps_the_first_fraction_of_droppable_tokens():
+    """The lead baseline keeps every sub-layer, every always-kept token and the first ceil(f * n) droppable ones;
+    f = 1 is the full model's plan, f = 0 keeps only what no plan may drop."""
+    import families.llama  # noqa: F401  (registers its cases)
+    import torch
+    from families import CASES
+    from rlskip.methods import lead_tokens
+    from rlskip.runtime import get_runtime
+
+    rt = get_runtime(CASES["llama-tiny"].model)
+    ids, mask = CASES["llama-tiny"].inputs()
+    obs = rt.observe(ids, mask)
+    droppable = mask & ~obs.always_keep
+    for f in (0.0, 0.3, 0.5, 1.0):
+        plan, cost = lead_tokens(rt.space, f)(obs)
+        assert plan.bits.all() and cost.eq(0).all()
+        keep = plan.token_keep
+        assert not (keep & ~mask).any() and keep[obs.always_keep].all()
+        for i in range(ids.shape[0]):
+            cols = droppable[i].nonzero().flatten()
+            n = math.ceil(len(cols) * f)
+            assert keep[i, cols[:n]].all() and not keep[i, cols[n:]].any()
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        lead_tokens(rt.space, 1.5)
+    from rlskip.space import SkipSpace
+
+    with pytest.raises(ValueError, match="needs a space with token dropping"):
+        lead_tokens(SkipSpace.single_stack("llama", 3, token_dropping=False), 0.5)

@@ -221,3 +221,49 @@ def test_bad_inputs_are_one_clear_error():
         pol.sample(torch.where(torch.arange(D) == 3, torch.nan, pooled))
     with pytest.raises(ValueError, match="n_bits must be a positive integer"):
         SkipPolicy(D, 0)
+
+
+def test_without_a_bit_head_every_candidate_is_kept_and_only_tokens_are_learned():
+    pooled, tokens, mask = _inputs()
+    pol = SkipPolicy(D, BITS, bit_head=False, init_keep_logit=0.0)
+    assert not hasattr(pol, "bit_out") and pol.init_kwargs["bit_head"] is False
+    bits, keep, lp, ent = pol.sample(pooled, tokens, mask, generator=torch.Generator().manual_seed(0))
+    assert bits.all() and not keep[mask].all() and not keep[mask].logical_not().all()
+    for threshold in (1e-6, 0.5, 1 - 1e-9):  # the whole calibration grid keeps every candidate
+        assert pol.decide(pooled, tokens, mask, threshold=threshold)[0].all()
+    # the log-probability is the token decisions' alone; gradients reach the token head, and the trunk through it
+    _, tok = pol(pooled, tokens, mask)
+    by_hand = (torch.distributions.Bernoulli(logits=tok).log_prob(keep.float()) * mask).sum(1)
+    torch.testing.assert_close(lp, by_hand)
+    (-lp.sum()).backward()
+    assert all(p.grad is not None for p in pol.parameters())
+    assert pol.flops(7) < SkipPolicy(D, BITS, init_keep_logit=0.0).flops(7)
+    with pytest.raises(ValueError, match="needs a bit head or a token head"):
+        SkipPolicy(D, BITS, bit_head=False, token_head=False)
+
+
+def test_token_features_see_position_and_scale_and_ignore_padding_side():
+    """The token head with ``token_features`` reads each token's place among the real tokens and its relative
+    scale: identical hidden states at different places get different logits, the same row padded on the
+    left gets the same logits, and scaling a whole row changes nothing (both are relative)."""
+    torch.manual_seed(0)
+    pol = SkipPolicy(D, BITS, token_features=True, init_keep_logit=0.0)
+    torch.nn.init.normal_(pol.token_out.weight)  # out of the near-constant start, so inputs show
+    same = torch.randn(1, 1, D).expand(1, 6, D).clone()
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    tok = pol(same.mean(1), same, mask)[1][0]
+    assert (tok[1:] - tok[:-1]).abs().min() > 1e-6  # position alone tells them apart
+    plain = SkipPolicy(D, BITS, init_keep_logit=0.0)
+    torch.testing.assert_close(plain(same.mean(1), same, mask)[1][0], plain(same.mean(1), same, mask)[1][0, :1].expand(6))
+    # scale: one token 10x larger than its identical neighbours stands out; the whole row 10x larger does not
+    bigger = same.clone()
+    bigger[0, 2] *= 10
+    assert (pol(same.mean(1), bigger, mask)[1][0, 2] - tok[2]).abs() > 1e-4
+    pooled, tokens, m = _inputs(batch=1, seq=5)
+    base = pol(pooled, tokens, m)[1]
+    torch.testing.assert_close(pol(pooled, tokens * 10, m)[1], base, rtol=1e-4, atol=1e-4)
+    # left padding: two pad columns in front, the real tokens' logits unchanged
+    left = torch.cat([torch.randn(1, 2, D), tokens], 1)
+    left_mask = torch.cat([torch.zeros(1, 2, dtype=torch.bool), m], 1)
+    torch.testing.assert_close(pol(pooled, left, left_mask)[1][:, 2:], base, rtol=1e-5, atol=1e-5)
+    assert pol.flops(5) > plain.flops(5)  # two more inputs to the token head's first layer

@@ -227,6 +227,50 @@ def test_xsum_runs_a_few_steps_on_local_files(tmp_path, bart_tokenizer):
     assert summary["metric"].startswith("rouge") and 0.0 <= summary["quality"] <= 1.0
 
 
+def test_a_tokens_only_policy_trains_on_a_causal_backbone_and_serves(tmp_path):
+    """stories260K (real weights) on XSum prompts, the policy deciding tokens only (with its token features): the run
+    trains, calibrates and evaluates, and the loaded policy keeps every sub-layer while dropping prompt tokens."""
+    from paths import STORIES_DIR
+
+    import rlskip
+
+    data = DATA_DIR / "xsum" / "test_1000.jsonl"
+    if not data.is_file() or not (STORIES_DIR / "model.safetensors").is_file():
+        pytest.skip(f"XSum slice or stories260K not found under {DATA_DIR.parent}")
+    run = tmp_path / "tokens-only"
+    args = [
+        "env=xsum", "backbone=stories260k", f"backbone.name_or_path={STORIES_DIR}", f"env.data_files={data}",
+        "env.limit=48", "env.max_source_tokens=64", "env.max_new_tokens=8", "agent.token_head=true",
+        "agent.bit_head=false", "agent.token_features=true", "agent.iterations=3", "agent.n_envs=8", "agent.policies=1",
+        "eval.limit=8", "eval.calibration_instances=8", "eval.static_search_instances=4", "eval.latency_instances=4",
+        "eval.latency_batch=4", "log.every=1", "log.latency_every=100", "log.progress=false", f"run_dir={run}",
+    ]
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metric"].startswith("rouge") and summary["flops_ratio"] > 0.0  # the policy costs 1-2% of this 260K model
+    m = rlskip.load(run, threshold=0.5)
+    assert m.policy.init_kwargs["bit_head"] is False and m.policy.token_features
+    texts = [json.loads(line)["document"] for line in data.read_text().splitlines()[:4]]
+    strict = rlskip.load(run, threshold=1 - 1e-6)  # keeps no droppable token, every sub-layer still
+    plan = strict.decide(texts)
+    assert plan.bits.all() and plan.token_keep is not None and not plan.token_keep.all()
+    out = strict.generate(texts, return_details=True)
+    assert len(out) == 4 and all(d["skipped"] == [] and d["flops_ratio"] < 0.9 for d in out)
+    assert m.generate(texts) == [m.generate([t])[0] for t in texts]
+    # the evaluation CLI at a threshold that drops tokens: the lead baseline at the policy's FLOPs beside it
+    from rlskip.evaluate import main as evaluate_main
+
+    out = tmp_path / "eval"
+    assert evaluate_main([
+        f"ckpt={run}", "threshold=0.99", "limit=8", "latency_instances=4", "latency_batch=4", "repeats=1",
+        "static_search_instances=4", "thresholds=[0.5]", "progress=false", f"out={out}",
+    ]) == 0
+    methods = {r["method"]: r for r in json.loads((out / "eval.json").read_text())["methods"]}
+    pol, lead = methods["policy"], methods["lead@policy"]
+    assert pol["input_kept_ratio"] < 1.0 and 0.0 <= lead["fraction"] <= 1.0
+    assert abs(lead["flops_ratio"] - pol["flops_ratio"]) < 0.05 and lead["latency_ratio_batched"] > 0
+
+
 def test_bad_inputs_fail_in_one_line_and_keep_existing_runs(tmp_path, capsys, monkeypatch):
     assert main(["foo=1"]) == 2
     assert "unknown config key 'foo'" in _error_line(capsys)
@@ -259,6 +303,7 @@ def test_agent_and_constraint_values_are_validated_at_compose():
         ("agent.policies=0",): "agent.policies=0, expected a finite number > 0",
         ("agent.self_critical=true", "agent.group_size=1"): "agent.self_critical=True, expected agent.group_size >= 2",
         ("agent.lr_decay=1.5",): "agent.lr_decay=1.5, expected a fraction",
+        ("agent.bit_head=false",): "agent.bit_head=False, expected agent.token_head=true",
         ("agent.lr=-1",): "agent.lr=-1.0, expected a finite number > 0",
         ("agent.n_envs=0",): "agent.n_envs=0",
         ("agent.iterations=-5",): "agent.iterations=-5",

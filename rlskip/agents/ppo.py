@@ -37,13 +37,17 @@ class SkipActorCritic(ActorCriticPolicy):
         token_head: whether the policy decides token dropping (else every token is kept).
         budget_input: whether the observation carries a compute budget the policy conditions on.
         length_input: whether the policy also reads ``log(1 + source length)`` (see ``SkipPolicy``).
+        token_features, bit_head: as for ``SkipPolicy``.
     """
 
     def __init__(
         self, observation_space, action_space, lr_schedule, hidden: int = 64, token_head: bool = False, budget_input: bool = False,
-        length_input: bool = False, **kwargs,
+        length_input: bool = False, token_features: bool = False, bit_head: bool = True, **kwargs,
     ):
-        self._skip_kwargs = dict(hidden=hidden, token_head=token_head, budget_input=budget_input, length_input=length_input)
+        self._skip_kwargs = dict(
+            hidden=hidden, token_head=token_head, budget_input=budget_input, length_input=length_input,
+            token_features=token_features, bit_head=bit_head,
+        )
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _build(self, lr_schedule) -> None:
@@ -126,7 +130,10 @@ class PPOLearner(Learner):
             SkipActorCritic, env, learning_rate=a.lr, n_steps=a.n_steps, batch_size=max(8, n // 4), n_epochs=a.n_epochs,
             gamma=0.0, gae_lambda=1.0, clip_range=a.clip_range, normalize_advantage=a.normalize_advantage, ent_coef=a.entropy_coef,
             vf_coef=a.value_coef, max_grad_norm=a.max_grad_norm, seed=seed,
-            policy_kwargs=dict(hidden=a.hidden, token_head=a.token_head, budget_input=budget_input, length_input=a.length_input), verbose=0, device=device,
+            policy_kwargs=dict(
+                hidden=a.hidden, token_head=a.token_head, budget_input=budget_input, length_input=a.length_input,
+                token_features=a.token_features, bit_head=a.bit_head,
+            ), verbose=0, device=device,
         )
         self.model.set_logger(logger)
         self.stats_cb = _RolloutStats()

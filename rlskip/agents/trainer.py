@@ -91,7 +91,8 @@ def make_learner(cfg: DictConfig, env, logger, seed: int, generator=None, dist: 
     a, rt = cfg.agent, env.rollout.runtime
     policy = SkipPolicy(
         rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
-        length_input=a.length_input, budget_input=budget_range(cfg) is not None,
+        length_input=a.length_input, budget_input=budget_range(cfg) is not None, token_features=a.token_features,
+        bit_head=a.bit_head,
     ).to(dist.device)
     return Reinforce(env, policy, constraint, logger, a, generator, seed=seed, dist=dist)
 
