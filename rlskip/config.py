@@ -78,6 +78,9 @@ class AgentConfig:
     token_head: bool = False  # decide per input token too (token dropping)
     token_features: bool = False  # the token head also reads each token's relative position and relative log-RMS
     bit_head: bool = True  # decide the attention / feed-forward candidates (false: keep them all, drop tokens only)
+    # start the token head keeping about this fraction of each input's droppable tokens, the first ones (a learned
+    # position term; null: none). A strong prior for news summarisation (docs/experiments.md, 2026-12-03).
+    token_lead_prior: Optional[float] = None
     length_input: bool = True  # the policy also reads log(1 + input length)
     # Scale each batch's advantages to unit spread. Off: it rescales every batch by its own spread, which undoes
     # the constraint's exchange rate between quality and compute (docs/experiments.md, 2026-10).
@@ -349,6 +352,11 @@ def validate_train(cfg: DictConfig) -> None:
     a, c = cfg.agent, cfg.constraint
     if not (a.bit_head or a.token_head):
         raise _bad("agent.bit_head", False, "agent.token_head=true (a policy without either decides nothing)")
+    if a.token_lead_prior is not None:
+        if not a.token_head:
+            raise _bad("agent.token_lead_prior", a.token_lead_prior, "null without agent.token_head=true")
+        if not (math.isfinite(a.token_lead_prior) and 0.0 < a.token_lead_prior <= 1.0):
+            raise _bad("agent.token_lead_prior", a.token_lead_prior, "a fraction in (0, 1]")
     if a.name == "reinforce":
         if a.group_size < 1 or a.n_envs % a.group_size:
             raise _bad("agent.group_size", a.group_size, f"a positive divisor of agent.n_envs={a.n_envs}")

@@ -17,6 +17,11 @@ layer carries little absolute position) and the log of its hidden state's RMS re
 (some tokens' states are far larger than the rest). Without ``bit_head`` every candidate is always kept (a
 constant logit, nothing learned): the policy only drops tokens.
 
+With ``lead_prior`` f the token logit gets a learned term ``w * position + b`` that starts as
+``_LEAD_SLOPE * (f - position)``: at the start the policy keeps about the first f of each document's droppable
+tokens (the lead-of-input plan, a strong prior for news summarisation) and training moves the cut, its
+sharpness, and, through the content term (whose bias then starts at 0), which tokens past it survive.
+
 Every output layer starts with tiny weights and a bias of ``init_keep_logit``: at the start nearly
 everything is kept (sigmoid(3) ~ 0.95) whatever the input, so early rollouts run close to the full model
 and early rewards are informative (the same reason Stable-Baselines3 initialises its action head with
@@ -38,6 +43,8 @@ from rlskip.runtime.base import Observation
 _OUT_GAIN = 0.01
 # the bit logit of a policy without a bit head: sigmoid is 1.0 in float32, above every calibration threshold
 _ALWAYS_KEEP = 40.0
+# initial slope of the lead prior over relative position: 0.1 of a document past the cut is logit -2 (keep ~12%)
+_LEAD_SLOPE = 20.0
 
 
 def observation_inputs(obs: Observation) -> dict[str, torch.Tensor]:
@@ -67,6 +74,8 @@ class SkipPolicy(nn.Module):
         length_input: whether ``log(1 + source length)`` is an input (then ``token_mask`` is required).
         token_features: whether the token head also reads each token's relative position and relative log-RMS.
         bit_head: whether the policy decides the candidates; without it every candidate is kept.
+        lead_prior: the fraction f in (0, 1] of droppable tokens the token head starts by keeping, the first
+            ones (see the module docstring); None: no position term.
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class SkipPolicy(nn.Module):
         length_input: bool = False,
         token_features: bool = False,
         bit_head: bool = True,
+        lead_prior: float | None = None,
     ) -> None:
         super().__init__()
         for label, v in (("d_model", d_model), ("n_bits", n_bits), ("hidden", hidden)):
@@ -89,7 +99,13 @@ class SkipPolicy(nn.Module):
             "d_model": int(d_model), "n_bits": int(n_bits), "hidden": int(hidden), "token_head": bool(token_head),
             "budget_input": bool(budget_input), "init_keep_logit": float(init_keep_logit),
             "length_input": bool(length_input), "token_features": bool(token_features), "bit_head": bool(bit_head),
+            "lead_prior": None if lead_prior is None else float(lead_prior),
         }
+        if lead_prior is not None:
+            if not token_head:
+                raise ValueError("SkipPolicy lead_prior needs token_head=True: it shapes the token decisions")
+            if not (math.isfinite(lead_prior) and 0.0 < lead_prior <= 1.0):
+                raise ValueError(f"SkipPolicy lead_prior must be a fraction in (0, 1], got {lead_prior}")
         if not (token_head or bit_head):
             raise ValueError("SkipPolicy needs a bit head or a token head: it would decide nothing")
         self.d_model, self.n_bits = int(d_model), int(n_bits)
@@ -109,7 +125,12 @@ class SkipPolicy(nn.Module):
             self.token_in = nn.Linear(d_model + 2 * int(self.token_features), hidden)
             self.token_ctx = nn.Linear(hidden, hidden, bias=False)  # once per row: document and budget context
             self.token_out = nn.Linear(hidden, 1)
-            self._init_out(self.token_out, init_keep_logit)
+            self._init_out(self.token_out, init_keep_logit if lead_prior is None else 0.0)
+            self.token_lead = None
+            if lead_prior is not None:
+                self.token_lead = nn.Linear(1, 1)
+                nn.init.constant_(self.token_lead.weight, -_LEAD_SLOPE)
+                nn.init.constant_(self.token_lead.bias, _LEAD_SLOPE * float(lead_prior))
 
     @staticmethod
     def _init_out(layer: nn.Linear, bias: float) -> None:
@@ -173,10 +194,13 @@ class SkipPolicy(nn.Module):
         token_logits = None
         if self.token_head and tokens is not None:
             t = self.token_norm(tokens)
+            features = self._token_features(tokens, token_mask) if self.token_features or self.token_lead is not None else None
             if self.token_features:
-                t = torch.cat([t, self._token_features(tokens, token_mask)], dim=-1)
+                t = torch.cat([t, features], dim=-1)
             t = torch.tanh(self.token_in(t) + self.token_ctx(z).unsqueeze(1))
             token_logits = self.token_out(t).squeeze(-1)
+            if self.token_lead is not None:
+                token_logits = token_logits + self.token_lead(features[..., :1]).squeeze(-1)
             if token_mask is not None:
                 # whatever sits at padded positions (even NaN) must not leak into sampling or log-probs
                 token_logits = torch.where(token_mask, token_logits, torch.zeros_like(token_logits))
@@ -316,6 +340,5 @@ class SkipPolicy(nn.Module):
         if not self.token_head:
             return per_row
         per_row += mlp_flops(self.token_ctx)
-        return per_row + mlp_flops(self.token_in, tokens_per_row=source_len) + mlp_flops(
-            self.token_out, tokens_per_row=source_len
-        )
+        per_token = [self.token_in, self.token_out] + ([self.token_lead] if self.token_lead is not None else [])
+        return per_row + sum(mlp_flops(m, tokens_per_row=source_len) for m in per_token)

@@ -267,3 +267,31 @@ def test_token_features_see_position_and_scale_and_ignore_padding_side():
     left_mask = torch.cat([torch.zeros(1, 2, dtype=torch.bool), m], 1)
     torch.testing.assert_close(pol(pooled, left, left_mask)[1][:, 2:], base, rtol=1e-5, atol=1e-5)
     assert pol.flops(5) > plain.flops(5)  # two more inputs to the token head's first layer
+
+
+def test_lead_prior_starts_at_the_lead_plan_of_each_row_and_is_learned():
+    """With ``lead_prior`` f an untrained token head keeps (probability > 0.5) about the first f of each row's
+    decided tokens, whatever the row's length and padding; the position term is a trained parameter; bad f and
+    a prior without a token head are one clear error each."""
+    torch.manual_seed(0)
+    pol = SkipPolicy(D, BITS, lead_prior=0.4)
+    lengths = [10, 25]
+    tokens = torch.randn(2, 30, D)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[0, 5:15] = True  # 10 decided tokens, 5 padding columns in front
+    mask[1, :25] = True
+    _, logits = pol(tokens.mean(1), tokens, mask)
+    for row, n in enumerate(lengths):
+        keep = (torch.sigmoid(logits[row][mask[row]]) > 0.5).tolist()
+        k = sum(keep)
+        assert keep == [True] * k + [False] * (n - k)  # a prefix of the row
+        assert abs(k / n - 0.4) <= 1.0 / n + 0.03
+    assert logits[~mask].abs().max() == 0
+    loss = torch.sigmoid(logits[mask]).sum()
+    loss.backward()
+    assert pol.token_lead.weight.grad.abs().item() > 0
+    assert pol.flops(25) > SkipPolicy(D, BITS).flops(25)
+    with pytest.raises(ValueError, match="lead_prior must be a fraction"):
+        SkipPolicy(D, BITS, lead_prior=1.5)
+    with pytest.raises(ValueError, match="needs token_head=True"):
+        SkipPolicy(D, BITS, token_head=False, lead_prior=0.4)

@@ -241,7 +241,7 @@ def test_a_tokens_only_policy_trains_on_a_causal_backbone_and_serves(tmp_path):
     args = [
         "env=xsum", "backbone=stories260k", f"backbone.name_or_path={STORIES_DIR}", f"env.data_files={data}",
         "env.limit=48", "env.max_source_tokens=64", "env.max_new_tokens=8", "agent.token_head=true",
-        "agent.bit_head=false", "agent.token_features=true", "agent.iterations=3", "agent.n_envs=8", "agent.policies=1",
+        "agent.bit_head=false", "agent.token_features=true", "agent.token_lead_prior=0.5", "agent.iterations=3", "agent.n_envs=8", "agent.policies=1",
         "eval.limit=8", "eval.calibration_instances=8", "eval.static_search_instances=4", "eval.latency_instances=4",
         "eval.latency_batch=4", "log.every=1", "log.latency_every=100", "log.progress=false", f"run_dir={run}",
     ]
@@ -250,6 +250,7 @@ def test_a_tokens_only_policy_trains_on_a_causal_backbone_and_serves(tmp_path):
     assert summary["metric"].startswith("rouge") and summary["flops_ratio"] > 0.0  # the policy costs 1-2% of this 260K model
     m = rlskip.load(run, threshold=0.5)
     assert m.policy.init_kwargs["bit_head"] is False and m.policy.token_features
+    assert m.policy.init_kwargs["lead_prior"] == 0.5 and m.policy.token_lead is not None
     texts = [json.loads(line)["document"] for line in data.read_text().splitlines()[:4]]
     strict = rlskip.load(run, threshold=1 - 1e-6)  # keeps no droppable token, every sub-layer still
     plan = strict.decide(texts)
@@ -304,6 +305,8 @@ def test_agent_and_constraint_values_are_validated_at_compose():
         ("agent.self_critical=true", "agent.group_size=1"): "agent.self_critical=True, expected agent.group_size >= 2",
         ("agent.lr_decay=1.5",): "agent.lr_decay=1.5, expected a fraction",
         ("agent.bit_head=false",): "agent.bit_head=False, expected agent.token_head=true",
+        ("agent.token_lead_prior=0.4",): "agent.token_lead_prior=0.4, expected null without agent.token_head=true",
+        ("agent.token_head=true", "agent.token_lead_prior=0"): "agent.token_lead_prior=0.0, expected a fraction in (0, 1]",
         ("agent.lr=-1",): "agent.lr=-1.0, expected a finite number > 0",
         ("agent.n_envs=0",): "agent.n_envs=0",
         ("agent.iterations=-5",): "agent.iterations=-5",

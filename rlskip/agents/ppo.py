@@ -37,16 +37,17 @@ class SkipActorCritic(ActorCriticPolicy):
         token_head: whether the policy decides token dropping (else every token is kept).
         budget_input: whether the observation carries a compute budget the policy conditions on.
         length_input: whether the policy also reads ``log(1 + source length)`` (see ``SkipPolicy``).
-        token_features, bit_head: as for ``SkipPolicy``.
+        token_features, bit_head, lead_prior: as for ``SkipPolicy``.
     """
 
     def __init__(
         self, observation_space, action_space, lr_schedule, hidden: int = 64, token_head: bool = False, budget_input: bool = False,
-        length_input: bool = False, token_features: bool = False, bit_head: bool = True, **kwargs,
+        length_input: bool = False, token_features: bool = False, bit_head: bool = True, lead_prior: float | None = None,
+        **kwargs,
     ):
         self._skip_kwargs = dict(
             hidden=hidden, token_head=token_head, budget_input=budget_input, length_input=length_input,
-            token_features=token_features, bit_head=bit_head,
+            token_features=token_features, bit_head=bit_head, lead_prior=lead_prior,
         )
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -132,7 +133,7 @@ class PPOLearner(Learner):
             vf_coef=a.value_coef, max_grad_norm=a.max_grad_norm, seed=seed,
             policy_kwargs=dict(
                 hidden=a.hidden, token_head=a.token_head, budget_input=budget_input, length_input=a.length_input,
-                token_features=a.token_features, bit_head=a.bit_head,
+                token_features=a.token_features, bit_head=a.bit_head, lead_prior=a.token_lead_prior,
             ), verbose=0, device=device,
         )
         self.model.set_logger(logger)

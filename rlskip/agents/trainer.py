@@ -92,7 +92,7 @@ def make_learner(cfg: DictConfig, env, logger, seed: int, generator=None, dist: 
     policy = SkipPolicy(
         rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
         length_input=a.length_input, budget_input=budget_range(cfg) is not None, token_features=a.token_features,
-        bit_head=a.bit_head,
+        bit_head=a.bit_head, lead_prior=a.token_lead_prior if a.token_head and rt.space.token_dropping else None,
     ).to(dist.device)
     return Reinforce(env, policy, constraint, logger, a, generator, seed=seed, dist=dist)
 
