@@ -233,8 +233,10 @@ def calibrate_keep_prob(ratio_at, target: float, floor: float, tol: float = 0.01
 def lead_fraction(ex: Executor, task, data: EvalData, flops_ratio: float) -> float:
     """The fraction of droppable tokens :func:`rlskip.methods.lead_tokens` keeps so that its FLOPs ratio on
     ``data`` matches ``flops_ratio`` (:func:`calibrate_keep_prob`)."""
-    floor = run_method(ex, task, data, planned(lead_tokens(ex.space, 0.0))).flops_ratio
-    return calibrate_keep_prob(lambda q: run_method(ex, task, data, planned(lead_tokens(ex.space, q))).flops_ratio, flops_ratio, floor)
+    def ratio_at(q: float) -> float:
+        return run_method(ex, task, data, planned(lead_tokens(ex.space, q))).flops_ratio
+
+    return calibrate_keep_prob(ratio_at, flops_ratio, ratio_at(0.0))
 
 
 def fidelity(task, predictions: list, full_predictions: list) -> float:

@@ -194,13 +194,14 @@ class SkipPolicy(nn.Module):
         token_logits = None
         if self.token_head and tokens is not None:
             t = self.token_norm(tokens)
-            features = self._token_features(tokens, token_mask) if self.token_features or self.token_lead is not None else None
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if token_mask is None else token_mask
+            position = self._relative_position(mask, tokens.dtype) if self.token_features or self.token_lead is not None else None
             if self.token_features:
-                t = torch.cat([t, features], dim=-1)
+                t = torch.cat([t, position.unsqueeze(-1), self._relative_log_rms(tokens, mask).unsqueeze(-1)], dim=-1)
             t = torch.tanh(self.token_in(t) + self.token_ctx(z).unsqueeze(1))
             token_logits = self.token_out(t).squeeze(-1)
             if self.token_lead is not None:
-                token_logits = token_logits + self.token_lead(features[..., :1]).squeeze(-1)
+                token_logits = token_logits + self.token_lead(position.unsqueeze(-1)).squeeze(-1)
             if token_mask is not None:
                 # whatever sits at padded positions (even NaN) must not leak into sampling or log-probs
                 token_logits = torch.where(token_mask, token_logits, torch.zeros_like(token_logits))
@@ -210,16 +211,20 @@ class SkipPolicy(nn.Module):
         return bit_logits, token_logits
 
     @staticmethod
-    def _token_features(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """``[B, S, 2]``: relative position among the real tokens, and log-RMS minus the row's mean log-RMS."""
-        m = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if token_mask is None else token_mask
-        mf = m.to(tokens.dtype)
+    def _relative_position(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, S]``: each token's place among the row's real tokens (``mask``), 0 first and 1 last; 0 elsewhere."""
+        mf = mask.to(dtype)
         n = mf.sum(1, keepdim=True)
-        position = ((mf.cumsum(1) - 1).clamp_min(0) / (n - 1).clamp_min(1)) * mf
+        return ((mf.cumsum(1) - 1).clamp_min(0) / (n - 1).clamp_min(1)) * mf
+
+    @staticmethod
+    def _relative_log_rms(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, S]``: each real token's log-RMS minus the row's mean log-RMS; 0 elsewhere."""
+        mf = mask.to(tokens.dtype)
+        n = mf.sum(1, keepdim=True)
         log_rms = 0.5 * torch.log(tokens.detach().pow(2).mean(-1).clamp_min(1e-12))
-        log_rms = torch.where(m, log_rms, torch.zeros_like(log_rms))
-        rel = (log_rms - log_rms.sum(1, keepdim=True) / n.clamp_min(1)) * mf
-        return torch.stack([position, rel], dim=-1)
+        log_rms = torch.where(mask, log_rms, torch.zeros_like(log_rms))
+        return (log_rms - log_rms.sum(1, keepdim=True) / n.clamp_min(1)) * mf
 
     def evaluate_actions(
         self,

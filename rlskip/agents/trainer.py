@@ -89,10 +89,11 @@ def make_learner(cfg: DictConfig, env, logger, seed: int, generator=None, dist: 
     from rlskip.agents.reinforce import Reinforce
 
     a, rt = cfg.agent, env.rollout.runtime
+    token_head = a.token_head and rt.space.token_dropping
     policy = SkipPolicy(
-        rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=a.token_head and rt.space.token_dropping,
+        rt.dims.d_model, rt.space.n_bits, hidden=a.hidden, token_head=token_head,
         length_input=a.length_input, budget_input=budget_range(cfg) is not None, token_features=a.token_features,
-        bit_head=a.bit_head, lead_prior=a.token_lead_prior if a.token_head and rt.space.token_dropping else None,
+        bit_head=a.bit_head, lead_prior=a.token_lead_prior if token_head else None,
     ).to(dist.device)
     return Reinforce(env, policy, constraint, logger, a, generator, seed=seed, dist=dist)
 
