@@ -129,6 +129,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
     ex = Executor(rt, encoder, task.kind, generation_settings(cfg), cfg.env.label_words)
     calib_data, eval_data = EvalData.encode(ex, calib_ex), EvalData.encode(ex, eval_ex)
     latency_data = eval_data.head(cfg.eval.latency_instances)
+    time_model = time_model_for(cfg, run_dir, ex, train_ex, dist) if cfg.env.cost == "time" else None
 
     # the policies, one after another, each calibrated on the held-out instances
     n = cfg.agent.policies
@@ -152,6 +153,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
             margin=cfg.env.margin, fidelity=cfg.env.fidelity, prompt=encoder.prompt, shard=(dist.rank, dist.world),
             **({"budget": budgets, "budget_in_obs": True} if budgets else {}),
         )
+        env.rollout.time_model = time_model
         t = time.perf_counter()
         learner, ref, stats = train_policy(cfg, c, cdir, env, frozen_ref, latency_data, tokenizer, dist)
         seconds["policy"] += time.perf_counter() - t
@@ -206,11 +208,38 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
     summary.update(
         run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), data_split=data_split,
         calibration_confidence=policy_confidence(cfg), kept_policy=k, policies=rows, seconds=seconds,
-        train_instances_per_s=throughput,
+        train_instances_per_s=throughput, **({"time_model": time_model.to_dict()} if time_model else {}),
     )
     if dist.main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def time_model_for(cfg: DictConfig, run_dir: Path, ex, train_ex, dist: Dist):
+    """``env.cost=time``: the run's time model (:mod:`rlskip.cost`), measured by rank 0 on the first
+    ``eval.latency_batch`` training instances and shared with every rank, or read back from
+    ``time_model.json`` when resuming, so a resumed run keeps pricing plans as it did."""
+    from rlskip.checkpoint import atomic_write_text
+    from rlskip.cost import TimeModel, measure_time_model
+
+    path = run_dir / "time_model.json"
+    if path.is_file():
+        try:
+            return TimeModel.from_dict(json.loads(path.read_text()))
+        except ValueError as e:
+            raise ValueError(f"{path} cannot be read back ({e}); restore it or start a new run") from None
+    found = [None]
+    if dist.main:
+        rows = ex.encoder.inputs(list(train_ex[: cfg.eval.latency_batch]))[0]
+        new_tokens = None if ex.task_kind == "classification" else cfg.env.max_new_tokens
+        tm = measure_time_model(ex, ex.observe(rows), new_tokens)
+        log.info("time model: seconds per FLOP relative to the full model's average: fixed %.2f, %s",
+                 tm.fixed, ", ".join(f"{k} {v:.2f}" for k, v in tm.kinds.items()))
+        atomic_write_text(path, json.dumps(tm.to_dict(), indent=1))
+        found = [tm.to_dict()]
+    if dist.active:
+        torch.distributed.broadcast_object_list(found, src=0)
+    return found[0] if isinstance(found[0], TimeModel) else TimeModel.from_dict(found[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,9 @@ def _rank(rank: int, world: int, port: int, args: list[str], out: str, die_at: i
     def keep_policy(*a, **k):  # what this rank's learner holds at the end
         learner, ref, stats = train_policy(*a, **k)
         torch.save(learner.policy.state_dict(), Path(out) / f"rank{rank}.pt")
+        tm = learner.env.rollout.time_model
+        if tm is not None:  # the time model this rank priced plans with (env.cost=time)
+            Path(out, f"time_model{rank}.json").write_text(json.dumps(tm.to_dict()))
         return learner, ref, stats
 
     trainer.train_policy = keep_policy
@@ -118,6 +121,14 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
     assert s2["train_instances_per_s"][0] > 3 * 8 / s2["seconds"]["policy"]
     rows = lambda r: (r / "tb" / "progress.csv").read_text().splitlines()  # noqa: E731
     assert len(rows(one)) == len(rows(two))  # the whole batch's statistics, logged once, by rank 0
+
+
+def test_rank_0_measures_the_time_model_and_every_rank_prices_with_it(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    assert _job(2, ARGS + ["env.cost=time", f"run_dir={tmp_path / 'run'}"], out) == [0, 0]  # rank 1 wrote nothing there
+    saved = json.loads((tmp_path / "run" / "time_model.json").read_text())
+    assert json.loads((out / "time_model0.json").read_text()) == saved == json.loads((out / "time_model1.json").read_text())
 
 
 def test_a_dead_rank_fails_the_run_in_one_line_instead_of_hanging(tmp_path, capfd):

@@ -166,7 +166,7 @@ class PPOLearner(Learner):
             self.logger.dump(self.iteration)
         return {
             "reward": float(stats["reward"].mean()), "quality": float(stats["quality"].mean()),
-            "quality_full": float(stats["quality_full"].mean()), "cost": float(stats["cost"].mean()),
+            "quality_full": float(stats["quality_full"].mean()), "cost": float(stats["cost"].mean()), "flops_ratio": float(stats["flops"].mean()),
         }
 
     def save(self, folder: Path) -> dict[str, str]:

@@ -199,7 +199,7 @@ class Reinforce(Learner):
             if greedy is not None:
                 g = stats["greedy"].astype(bool)
                 self.logger.record("quality/greedy", float(stats["quality"][g].mean()))
-                self.logger.record("cost/greedy_flops_ratio", float(stats["cost"][g].mean()))
+                self.logger.record("cost/greedy_flops_ratio", float(stats["flops"][g].mean()))
             self.logger.record("train/policy_loss", float(pg_loss.detach()))
             if self.value is not None:
                 self.logger.record("train/value_loss", float(v_loss.detach()))
@@ -209,7 +209,7 @@ class Reinforce(Learner):
             self.logger.dump(self.iteration)
         return {
             "reward": float(stats["reward"].mean()), "quality": float(stats["quality"].mean()),
-            "quality_full": float(stats["quality_full"].mean()), "cost": float(stats["cost"].mean()),
+            "quality_full": float(stats["quality_full"].mean()), "cost": float(stats["cost"].mean()), "flops_ratio": float(stats["flops"].mean()),
         }
 
     def learning_rate(self, iteration: int) -> float:

@@ -1,7 +1,8 @@
 """What every learner logs after a batch of episodes, with Stable-Baselines3's logger (TensorBoard + CSV).
 
 The native learner and PPO record the same keys: ``reward/*``, ``quality/*`` (``quality/margin``: the batch's
-median decision margin), ``cost/flops_ratio``,
+median decision margin), ``cost/flops_ratio`` (and ``cost/time_ratio``, the predicted time ratio the reward
+sees, under ``env.cost=time``),
 ``constraint/*``, per-candidate ``skip_rate/<name>``, the ``skip_rate/heatmap`` image (layer x sub-layer
 kind) and ``tokens/keep_rate``; ``cost/latency_ratio`` is recorded when measured; a budget-conditioned run adds
 ``budget/<low>-<high>/quality`` and ``budget/<low>-<high>/flops_ratio`` per budget bucket of 0.1.
@@ -24,6 +25,8 @@ def batch_stats(infos: list[dict]) -> dict[str, np.ndarray]:
         "quality": np.array([i["quality"] for i in infos], dtype=np.float64),
         "quality_full": np.array([i["quality_full"] for i in infos], dtype=np.float64),
         "cost": np.array([i["cost"] for i in infos], dtype=np.float64),
+        "flops": np.array([i.get("flops_ratio", i["cost"]) for i in infos], dtype=np.float64),
+        "time": np.array([i.get("time_ratio", np.nan) for i in infos], dtype=np.float64),
         "reward": np.array([i["reward"] for i in infos], dtype=np.float64),
         "bits": np.stack([np.asarray(i["plan_bits"], dtype=np.float64) for i in infos]),
         "tokens_kept": np.array([i.get("tokens_kept", np.nan) for i in infos], dtype=np.float64),
@@ -75,7 +78,9 @@ def record_batch(logger, space: SkipSpace, stats: dict[str, np.ndarray], constra
     logger.record("quality/policy", float(q.mean()))
     logger.record("quality/full", float(qf.mean()))
     logger.record("quality/drop", float((qf - q).mean()))
-    logger.record("cost/flops_ratio", float(cost.mean()))
+    logger.record("cost/flops_ratio", float(stats["flops"].mean()))
+    if not np.isnan(stats["time"]).any():
+        logger.record("cost/time_ratio", float(stats["time"].mean()))
     logger.record("constraint/lambda", float(constraint.lam))
     logger.record("constraint/satisfied_rate", float(np.mean(constraint.satisfied(q, qf, cost))))
     rates = 1.0 - stats["bits"].mean(0)
@@ -93,7 +98,7 @@ def record_batch(logger, space: SkipSpace, stats: dict[str, np.ndarray], constra
             inside = (budgets > lo) & (budgets <= hi)
             if inside.any():
                 logger.record(f"budget/{lo:.1f}-{hi:.1f}/quality", float(q[inside].mean()))
-                logger.record(f"budget/{lo:.1f}-{hi:.1f}/flops_ratio", float(cost[inside].mean()))
+                logger.record(f"budget/{lo:.1f}-{hi:.1f}/flops_ratio", float(stats["flops"][inside].mean()))
     if image:
         logger.record("skip_rate/heatmap", Image(heatmap_image(space, rates), "HWC"), exclude=("stdout", "log", "json", "csv"))
 

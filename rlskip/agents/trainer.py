@@ -204,7 +204,7 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
         clock.append(time.perf_counter())
         learner.check_health()
         bar.update(1)
-        bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['cost']:.3f}")
+        bar.set_postfix(q=f"{stats['quality']:.3f}", q_full=f"{stats['quality_full']:.3f}", flops=f"{stats['flops_ratio']:.3f}")
         if checkpoint and dist.main:
             if generator is not None:
                 ref = tuned_generator_ref(cfg, rt, tokenizer, cdir)

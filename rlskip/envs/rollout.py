@@ -145,6 +145,8 @@ class SkipRollout:
         self.fidelity = fidelity
         self.policy_flops = float(policy_flops)
         self.margin = float(margin)
+        # env.cost=time: the reward's cost is the plan's predicted time ratio (rlskip.cost), set by the trainer
+        self.time_model = None
         # Tokenise everything once: stepping must not re-tokenise, and truncation is counted (and logged)
         # once for the whole data set rather than per item.
         if prompt is None and runtime.kind == "causal":  # a decoder-only model reads the task as a prompt
@@ -265,16 +267,23 @@ class SkipRollout:
         keep = torch.as_tensor(actions[:, self.space.n_bits : self.space.n_bits + width] == 1)
         return Plan(self.space, bits, keep)
 
-    def _run(self, obs: Observation, plan: Plan) -> tuple[list[str | int], np.ndarray, np.ndarray]:
-        """Execute plans: the outputs (texts, or class ids), the FLOPs ratio and the decision margin of each row.
+    def _run(self, obs: Observation, plan: Plan) -> tuple[list[str | int], np.ndarray, np.ndarray, np.ndarray]:
+        """Execute plans: the outputs (texts, or class ids), the cost the reward sees (the FLOPs ratio, or under
+        :attr:`time_model` the predicted time ratio), the FLOPs ratio and the decision margin of each row.
 
         The margin is the gap between the chosen and the runner-up score: of the class logits, or, for
         generation, the smallest over the greedy decoding steps (NaN under beam search), to 3 decimals.
         """
         out = self.executor.run(obs, plan, self.policy_flops, return_margins=True)
         margins = out.margins if out.margins is not None else torch.full((len(out.predictions),), float("nan"))
+        flops_ratio = cost = out.flops_ratio.numpy()
+        if self.time_model is not None:
+            beams = int(self.executor.gen_kwargs.get("num_beams", 1) or 1)
+            cost = self.time_model.ratio(
+                self.runtime, plan.bits, obs.lengths, out.input_kept, out.steps, beams, self.policy_flops
+            ).numpy()
         # rounded: the rows a batch holds move the last float bits, and an instance's reward must not depend on them
-        return out.predictions, out.flops_ratio.numpy(), np.round(margins.double().cpu().numpy(), 3)
+        return out.predictions, cost, flops_ratio, np.round(margins.double().cpu().numpy(), 3)
 
     def shaped_quality(self, quality: np.ndarray, margins: np.ndarray, full_margins: np.ndarray) -> np.ndarray:
         """The quality the reward sees: ``quality`` itself, or with ``margin = m > 0`` scaled by
@@ -319,7 +328,7 @@ class SkipRollout:
             )
         else:
             run_obs, run_plan = obs, plan
-        outputs, cost, margins = self._run(run_obs, run_plan)
+        outputs, cost, flops_ratio, margins = self._run(run_obs, run_plan)
         if missing:
             full_out = outputs[n:]
             quality = self._quality(full_out, missing, full_out)
@@ -327,7 +336,7 @@ class SkipRollout:
                 {i: FullOutput(o, float(q), float(g)) for i, o, q, g in zip(missing, full_out, quality, margins[n:])}
             )
         full = [self.full_outputs[i] for i in indices]
-        outputs, cost, margins = outputs[:n], cost[:n], margins[:n]
+        outputs, cost, margins, flops_ratio = outputs[:n], cost[:n], margins[:n], flops_ratio[:n]
         quality = np.asarray(self._quality(outputs, indices, [f.text for f in full]), dtype=np.float64)
         quality_full = np.asarray([f.quality for f in full], dtype=np.float64)
         shaped = self.shaped_quality(quality, margins, np.asarray([f.margin for f in full], dtype=np.float64))
@@ -345,6 +354,8 @@ class SkipRollout:
                 "quality": float(quality[r]),
                 "quality_full": float(quality_full[r]),
                 "cost": float(cost[r]),
+                "flops_ratio": float(flops_ratio[r]),
+                **({"time_ratio": float(cost[r])} if self.time_model is not None else {}),
                 "reward": float(reward[r]),
                 "margin": float(margins[r]),
                 "plan_bits": bits[r].copy(),
@@ -364,7 +375,7 @@ class SkipRollout:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             obs = self.observe(chunk)
-            outputs, _, margins = self._run(obs, Plan(self.space, torch.ones(len(chunk), self.space.n_bits, dtype=torch.bool)))
+            outputs, _, _, margins = self._run(obs, Plan(self.space, torch.ones(len(chunk), self.space.n_bits, dtype=torch.bool)))
             quality = self._quality(outputs, chunk, outputs)
             self.full_outputs.update(
                 {i: FullOutput(o, float(q), float(g)) for i, o, q, g in zip(chunk, outputs, quality, margins)}
