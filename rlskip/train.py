@@ -239,7 +239,7 @@ def time_model_for(cfg: DictConfig, run_dir: Path, ex, train_ex, dist: Dist):
         found = [tm.to_dict()]
     if dist.active:
         torch.distributed.broadcast_object_list(found, src=0)
-    return found[0] if isinstance(found[0], TimeModel) else TimeModel.from_dict(found[0])
+    return TimeModel.from_dict(found[0])
 
 
 def main(argv: list[str] | None = None) -> int:
