@@ -8,29 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import BartForConditionalGeneration
 
 from rlskip.constraints import Lexicographic
 from rlskip.cost import TimeModel, measure_time_model
 from rlskip.envs import SkipVecEnv
 from rlskip.envs.tasks import get_task
-from rlskip.envs.tasks.synthetic import small_bart_config, synthetic_tokenizer
+from rlskip.envs.tasks.synthetic import synthetic_tokenizer
 from rlskip.plan import Plan
 
-MAX_SRC, MAX_NEW = 32, 8
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = small_bart_config(
-        d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=3, decoder_layers=2, init_std=0.15,
-        tie_word_embeddings=False,
-    )
-    m = BartForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        m.final_logits_bias[0, cfg.eos_token_id] = 1.0
-    return m
+from test_envs import MAX_NEW, MAX_SRC, model  # noqa: F401  (the environments' tiny BART fixture)
 
 
 @pytest.fixture(scope="module")
