@@ -3,8 +3,8 @@
 FLOPs are a poor proxy for time when a model's parts run at different efficiencies. On the embedded default
 (a small BART, 16-token sources, batch 16) an encoder sub-layer runs once over every token as one large matrix
 product, while a decoder sub-layer runs once per new token on 16 rows, bound by per-operation overhead and
-weight reads: skipping the encoder's feed-forward layers removes about a tenth of the FLOPs and a thirtieth
-of the time. A policy rewarded for FLOPs learns to skip what is cheap in time.
+weight reads: skipping the encoder's feed-forward layers removes several times more of the FLOPs than of the
+time. A policy rewarded for FLOPs learns to skip what is cheap in time.
 
 :class:`TimeModel` prices each FLOP by the kind of candidate it belongs to (``enc_ffn``, ``dec_self_attn``,
 ``attn``, ...) and the part no plan skips (layer 0, embeddings, the LM head, the decoding loop) by its own
@@ -30,14 +30,12 @@ import torch
 from rlskip.flops import plan_flops
 from rlskip.plan import Plan
 
-COSTS = ("flops", "time")
-
-
 @dataclass(frozen=True)
 class TimeModel:
     """Relative seconds per FLOP: ``fixed`` for the part no plan skips, ``kinds[k]`` for candidates of kind ``k``.
 
-    ``fit`` records how the measurement went (times, FLOPs, the all-ones plan's predicted over measured time)."""
+    ``fit`` records how the measurement went (the median times, rows, new tokens, repeats, and the all-ones
+    plan's predicted over measured time)."""
 
     fixed: float
     kinds: dict[str, float]
