@@ -53,12 +53,8 @@ class TimeModel:
     ) -> torch.Tensor:
         """``[batch]`` predicted time of ``bits`` over the full model's on the same lengths (the decision's own
         FLOPs priced at the fixed rate)."""
-        full_len = torch.as_tensor(lengths, dtype=torch.float64).cpu().expand(bits.shape[0])
-        kept = full_len if kept is None else torch.as_tensor(kept, dtype=torch.float64).cpu().expand(bits.shape[0])
-        n = None if steps is None else torch.as_tensor(steps).cpu().expand(bits.shape[0])
         rates = self.rates(runtime.space)
-        fixed, per = runtime.flops_table(full_len, kept, n, beams)
-        ffixed, fper = runtime.flops_table(full_len, full_len, n, beams)
+        (fixed, per), (ffixed, fper) = runtime.flops_tables(bits.shape[0], _cpu(lengths), _cpu(kept), _cpu(steps), beams)
         decision = torch.as_tensor(decision_flops, dtype=torch.float64)
         executed = self.fixed * (fixed + decision) + plan_flops(torch.zeros_like(fixed), per * rates, bits)
         return executed / (self.fixed * ffixed + (fper * rates).sum(1))
@@ -72,6 +68,11 @@ class TimeModel:
             return cls(float(d["fixed"]), {str(k): float(v) for k, v in d["kinds"].items()}, dict(d.get("fit", {})))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"not a time model (expected fixed, kinds): {e}") from None
+
+
+def _cpu(t):
+    """A length tensor on the CPU, where FLOPs are counted (an observation's may sit on a GPU)."""
+    return None if t is None else torch.as_tensor(t).cpu()
 
 
 def measure_time_model(

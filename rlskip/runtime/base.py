@@ -269,13 +269,16 @@ class Runtime(ABC):
         """Analytic ``(executed [b], full [b])`` FLOPs of ``plan`` for inputs of ``lengths`` tokens (ints or
         ``[b]``) with ``kept`` left after token dropping (default: all) and ``steps`` new tokens (None:
         classification)."""
-        b = plan.batch_size
+        (fixed, per), (ffixed, fper) = self.flops_tables(plan.batch_size, lengths, kept, steps, beams)
+        return plan_flops(fixed, per, plan.bits), ffixed + fper.sum(1)
+
+    def flops_tables(self, b: int, lengths, kept=None, steps=None, beams: int = 1):
+        """:meth:`flops_table` of ``b`` instances as executed (``kept`` input tokens, default all) and of the
+        full model on the same lengths: ``((fixed, per_candidate), (full_fixed, full_per_candidate))``."""
         full_len = torch.as_tensor(lengths).expand(b)
         kept = full_len if kept is None else torch.as_tensor(kept).expand(b)
         n = None if steps is None else torch.as_tensor(steps).expand(b)
-        fixed, per = self.flops_table(full_len, kept, n, beams)
-        ffixed, fper = self.flops_table(full_len, full_len, n, beams)
-        return plan_flops(fixed, per, plan.bits), ffixed + fper.sum(1)
+        return self.flops_table(full_len, kept, n, beams), self.flops_table(full_len, full_len, n, beams)
 
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The boolean attention mask of valid ``observe`` inputs; a one-line ValueError for anything else."""
