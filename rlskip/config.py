@@ -162,6 +162,9 @@ CONSTRAINTS = {"lexicographic": LexicographicConfig, "lagrangian": LagrangianCon
 class GeneratorConfig:
     mode: str = "frozen"  # frozen | joint (tune the generator under sampled plans, alongside the policy)
     lr: float = 5e-5
+    # joint mode, > 0: each instance also runs under the all-ones plan, trained on its target, and its sampled
+    # plan's row is distilled toward that prediction with this weight (rlskip.agents.joint)
+    distill: float = 0.0
 
 
 @dataclass
@@ -338,7 +341,7 @@ def validate_train(cfg: DictConfig) -> None:
         "log.latency_every", "log.checkpoint_every", "generator.lr", "backbone.warmup.lr", "backbone.warmup.batch_size",
     ):
         positive(key)
-    for key in ("agent.entropy_coef", "agent.value_coef", "env.margin", "backbone.warmup.time_budget_s"):
+    for key in ("agent.entropy_coef", "agent.value_coef", "env.margin", "backbone.warmup.time_budget_s", "generator.distill"):
         positive(key, allow_zero=True)
     if cfg.env.limit is not None:
         positive("env.limit")

@@ -89,9 +89,9 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
     from rlskip.envs import SkipVecEnv
     from rlskip.envs.data import build_task, load_examples, split_calibration, with_task_defaults
     from rlskip.calibration import calibrate_budgets, calibrate_threshold
-    from rlskip.evaluation import EvalData, final_evaluation
+    from rlskip.evaluation import EvalData, final_evaluation, run_method
     from rlskip.execute import Executor
-    from rlskip.methods import budget_grid, budget_plans, planned, policy_plans
+    from rlskip.methods import budget_grid, budget_plans, full_model, planned, policy_plans
     from rlskip.runtime import get_runtime
 
     dist = dist or Dist()
@@ -204,6 +204,11 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
     summary = final_evaluation(
         ex, task, eval_data, search_data, method, cfg.eval.latency_instances, cfg.eval.latency_batch, cfg.eval.static_search,
     )
+    if joint:  # the full model the tuning started from (the warm-up's, or the backbone), on the same held-out data
+        tuned = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        model.load_state_dict(start)
+        summary["quality_full_start"] = run_method(ex, task, eval_data, planned(full_model(rt.space))).quality
+        model.load_state_dict(tuned)
     seconds["evaluation"] = time.perf_counter() - t
     summary.update(
         run_dir=str(run_dir), threshold=threshold, calibration=table, n_calibration=len(calib_ex), data_split=data_split,

@@ -323,3 +323,113 @@ def test_agent_and_constraint_values_are_validated_at_compose():
         with pytest.raises(ValueError, match=re.escape(message)):
             compose(list(overrides))
     assert compose(["agent=ppo", "agent.policies=2"]).agent.policies == 2
+
+
+def _tiny_bert_classifier(folder: Path) -> None:
+    """A tiny random BERT classifier and a WordPiece tokenizer of its own (no download)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SENTIMENT_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=2,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+
+
+SENTIMENT_WORDS = ("the", "movie", "film", "plot", "was", "is", "good", "great", "fine", "bad", "awful", "dull")
+
+
+def _sst2_file(path: Path, n: int) -> Path:
+    """SST-2-shaped rows whose label is whether the sentence's adjective is a positive one."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        noun, verb = ("movie", "film", "plot")[i % 3], ("was", "is")[i % 2]
+        adj = SENTIMENT_WORDS[6 + int(torch.randint(6, (1,), generator=g))]
+        rows.append({"sentence": f"the {noun} {verb} {adj}", "label": int(adj in ("good", "great", "fine")), "idx": i})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GLUE_TINY = [
+    "env=glue", "env.task=sst2", "env.max_source_tokens=16", "backbone.warmup.steps=10", "backbone.warmup.time_budget_s=0",
+    "backbone.warmup.batch_size=8", "backbone.warmup.lr=1e-3", "agent.iterations=4", "agent.n_envs=8", "agent.policies=1",
+    "agent.token_head=true", "eval.limit=16", "eval.calibration_instances=16", "eval.static_search_instances=8",
+    "eval.latency_instances=8", "eval.latency_batch=4", "log.every=1", "log.latency_every=2", "log.checkpoint_every=2",
+    "log.progress=false", "constraint=lagrangian",
+]
+
+
+def test_joint_mode_tunes_a_classifier_with_the_sandwich_rule(tmp_path):
+    """generator.mode=joint on a BERT classifier (GLUE): the tuned classifier is saved beside the policy, differs
+    from the warmed-up start, and the run's checkpoint loads and classifies."""
+    import rlskip
+    from rlskip.checkpoint import backbone_hash
+    from transformers import BertForSequenceClassification
+
+    folder = tmp_path / "tiny-bert"
+    _tiny_bert_classifier(folder)
+    data = _sst2_file(tmp_path / "sst2.jsonl", 96)
+    run = tmp_path / "joint-glue"
+    args = GLUE_TINY + [
+        f"backbone.name_or_path={folder}", f"env.data_files={data}", "generator.mode=joint", "generator.distill=1",
+        "generator.lr=1e-3", f"run_dir={run}",
+    ]
+    assert main(args) == 0
+    start = backbone_hash(BertForSequenceClassification.from_pretrained(run / "generator"))
+    ref = json.loads((run / "last.json").read_text())["backbone"]  # one policy: its files are the run's
+    tuned = BertForSequenceClassification.from_pretrained(ref["name_or_path"])
+    assert backbone_hash(tuned) == ref["content_hash"] != start
+    rows = _rows(run)
+    assert all(float(r["train/generator_loss"]) > 0 for r in rows if r.get("train/generator_loss"))
+    summary = json.loads((run / "summary.json").read_text())
+    # the warmed-up classifier's own held-out accuracy: what a frozen run on it reports as its full model's
+    frozen = tmp_path / "frozen-glue"
+    assert main(GLUE_TINY + [
+        f"backbone.name_or_path={run / 'generator'}", "backbone.warmup.steps=null", f"env.data_files={data}", f"run_dir={frozen}",
+    ]) == 0
+    assert summary["quality_full_start"] == json.loads((frozen / "summary.json").read_text())["quality_full"]
+    labels = rlskip.load(run).classify(["the movie was good", "the plot is awful"])
+    assert len(labels) == 2
+
+
+def test_plan_loss_sandwich_is_the_label_loss_when_every_row_runs_the_full_model():
+    """With distill > 0 and the sub-network rows under the all-ones plan too, the distillation term is zero: the
+    loss is the first half's cross-entropy on its labels; a sub-network plan adds a positive KL term."""
+    import torch.nn.functional as F
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rlskip.agents.warmup import plan_loss
+    from rlskip.plan import Plan
+    from rlskip.runtime import get_runtime
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, num_labels=2,
+        initializer_range=0.5,
+    )).eval()
+    rt = get_runtime(model)
+    ids = torch.randint(5, 40, (3, 7))
+    ids[:, 0], ids[:, -1] = 2, 3
+    ids = torch.cat([ids, ids])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    y = torch.tensor([0, 1, 1, 0, 1, 1])
+    with torch.no_grad():
+        obs = rt.observe(ids, mask)
+        ones = Plan.all_ones(rt.space, 6)
+        full = rt.classify(obs, ones).logits
+        assert torch.allclose(plan_loss(rt, obs, ones, y, 1.0), F.cross_entropy(full[:3], y[:3]), atol=1e-6)
+        bits = ones.bits.clone()
+        bits[3:, :2] = False
+        mixed = rt.classify(obs, Plan(rt.space, bits)).logits
+        teacher, student = full[:3].softmax(-1), mixed[3:].log_softmax(-1)
+        kl = (teacher * (teacher.log() - student)).sum(-1).mean()
+        assert kl > 1e-4
+        sub = plan_loss(rt, obs, Plan(rt.space, bits), y, 0.5)
+        assert torch.allclose(sub, F.cross_entropy(full[:3], y[:3]) + 0.5 * kl, atol=1e-6)
+        assert torch.allclose(plan_loss(rt, obs, ones, y, 0.0), F.cross_entropy(full, y), atol=1e-6)

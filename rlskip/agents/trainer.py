@@ -171,7 +171,7 @@ def train_policy(cfg: DictConfig, c: int, cdir: Path, env, ref: dict, latency_da
     if cfg.generator.mode == "joint":
         from rlskip.agents.joint import GeneratorTuner
 
-        generator = GeneratorTuner(env, cfg.generator.lr, dist)
+        generator = GeneratorTuner(env, cfg.generator.lr, dist, cfg.generator.distill)
     learner = make_learner(cfg, env, logger, policy_seed(cfg.seed, c), generator, dist)
     best, stats = -float("inf"), {}
     if last is not None:

@@ -141,22 +141,10 @@ def train_generator(
             if classifier:
                 obs = rt.observe(*encoder.batch([src[i] for i in idx]))
                 y = torch.tensor([tgt[i] for i in idx])
-                if distill > 0.0:
-                    logits = rt.classify(obs, plan).logits
-                    loss = F.cross_entropy(logits[:half], y[:half]) + distill * _kl(logits[half:], logits[:half])
-                else:
-                    loss = rt.classify(obs, plan, labels=y).loss
             else:
-                input_ids, mask, protected, labels = encoder.training_rows([src[i] for i in idx], [tgt[i] for i in idx])
+                input_ids, mask, protected, y = encoder.training_rows([src[i] for i in idx], [tgt[i] for i in idx])
                 obs = rt.observe(input_ids, mask, protected)
-                if distill > 0.0:
-                    logits, _ = rt.forward(obs, plan, labels=labels)  # (a seq2seq model reads its decoder inputs from them)
-                    target = rt.logit_targets(labels)
-                    ce = F.cross_entropy(logits[:half].flatten(0, 1), target[:half].flatten(), ignore_index=-100)
-                    scored = target[half:] != -100
-                    loss = ce + distill * _kl(logits[half:][scored], logits[:half][scored])
-                else:
-                    _, loss = rt.forward(obs, plan, labels=labels)
+            loss = plan_loss(rt, obs, plan, y, distill)
             if not math.isfinite(loss.item()):
                 raise ValueError(f"the generator warm-up diverged: its loss became {loss.item()} at step {step}; lower backbone.warmup.lr")
             opt.zero_grad(set_to_none=True)
@@ -172,6 +160,29 @@ def train_generator(
         model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return WarmupStats(loss=sum(tail) / len(tail), steps=step, seconds=time.perf_counter() - start, losses=losses)
+
+
+def plan_loss(rt, obs, plan: Plan, targets: torch.Tensor, distill: float = 0.0) -> torch.Tensor:
+    """The task loss of a batch executed under ``plan``: cross-entropy on the class for a classifier, on the
+    teacher-forced targets (``-100`` ignored) for a generator.
+
+    With ``distill > 0`` the batch is pairs (the sandwich rule): its first half runs under the all-ones plan and
+    is trained on ``targets``, its second half is the same instances under sub-network plans, trained toward the
+    first half's own (detached) prediction, weighted by ``distill``.
+    """
+    if distill <= 0.0:
+        if rt.head == "classifier":
+            return rt.classify(obs, plan, labels=targets).loss
+        return rt.forward(obs, plan, labels=targets)[1]
+    half = obs.batch_size // 2
+    if rt.head == "classifier":
+        logits = rt.classify(obs, plan).logits
+        return F.cross_entropy(logits[:half], targets[:half]) + distill * _kl(logits[half:], logits[:half])
+    logits, _ = rt.forward(obs, plan, labels=targets)  # (a seq2seq model reads its decoder inputs from them)
+    target = rt.logit_targets(targets)
+    ce = F.cross_entropy(logits[:half].flatten(0, 1), target[:half].flatten(), ignore_index=-100)
+    scored = target[half:] != -100
+    return ce + distill * _kl(logits[half:][scored], logits[:half][scored])
 
 
 def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
