@@ -325,6 +325,9 @@ def test_agent_and_constraint_values_are_validated_at_compose():
     assert compose(["agent=ppo", "agent.policies=2"]).agent.policies == 2
 
 
+SENTIMENT_WORDS = ("the", "movie", "film", "plot", "was", "is", "good", "great", "fine", "bad", "awful", "dull")
+
+
 def _tiny_bert_classifier(folder: Path) -> None:
     """A tiny random BERT classifier and a WordPiece tokenizer of its own (no download)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
@@ -339,9 +342,6 @@ def _tiny_bert_classifier(folder: Path) -> None:
         max_position_embeddings=64, num_labels=2,
     )
     BertForSequenceClassification(cfg).save_pretrained(folder)
-
-
-SENTIMENT_WORDS = ("the", "movie", "film", "plot", "was", "is", "good", "great", "fine", "bad", "awful", "dull")
 
 
 def _sst2_file(path: Path, n: int) -> Path:
