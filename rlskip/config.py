@@ -54,6 +54,7 @@ class WarmupConfig:
     lr: float = 2e-3
     batch_size: int = 64
     distill: float = 0.0  # > 0: sandwich steps, sub-networks distilled from the full model (rlskip.agents.warmup)
+    token_drop: float = 0.0  # > 0: random plans also drop input tokens, at a per-instance rate up to this
 
 
 @dataclass
@@ -349,6 +350,8 @@ def validate_train(cfg: DictConfig) -> None:
         positive("backbone.warmup.steps")
     if not 0.0 <= cfg.backbone.warmup.skip_prob < 1.0:
         raise _bad("backbone.warmup.skip_prob", cfg.backbone.warmup.skip_prob, "a probability in [0, 1)")
+    if not 0.0 <= cfg.backbone.warmup.token_drop < 1.0:
+        raise _bad("backbone.warmup.token_drop", cfg.backbone.warmup.token_drop, "a rate in [0, 1)")
     if not (math.isfinite(cfg.backbone.warmup.distill) and cfg.backbone.warmup.distill >= 0.0):
         raise _bad("backbone.warmup.distill", cfg.backbone.warmup.distill, "a weight >= 0")
     if cfg.backbone.warmup.distill > 0.0 and cfg.backbone.warmup.batch_size < 2:

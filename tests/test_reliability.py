@@ -135,6 +135,7 @@ def test_bad_values_fail_fast_and_failed_starts_leave_nothing(tmp_path, capsys):
     for args, key in ((["agent.lr=-1"], "agent.lr"), (["agent.n_envs=0"], "agent.n_envs"),
                       (["agent.iterations=-5"], "agent.iterations"), (["constraint.max_quality_drop=2"], "constraint.max_quality_drop"),
                       (["backbone.warmup.distill=-1"], "backbone.warmup.distill"),
+                      (["backbone.warmup.token_drop=1"], "backbone.warmup.token_drop"),
                       (["backbone.warmup.distill=1", "backbone.warmup.batch_size=1"], "backbone.warmup.batch_size")):
         run = tmp_path / key
         t0 = time.perf_counter()

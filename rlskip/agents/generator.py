@@ -66,7 +66,7 @@ def warm_up(cfg: DictConfig, model, tokenizer, encoder: Encoder, run_dir: Path, 
         return
     stats = train_generator(
         model, encoder, train_examples, steps=w.steps, time_budget=w.time_budget_s or None, batch_size=w.batch_size,
-        lr=w.lr, skip_prob=w.skip_prob, distill=w.distill, seed=cfg.seed, progress=cfg.log.progress,
+        lr=w.lr, skip_prob=w.skip_prob, distill=w.distill, token_drop=w.token_drop, seed=cfg.seed, progress=cfg.log.progress,
     )
     log.info("generator warm-up: %d steps in %.0fs, final loss %.4f", stats.steps, stats.seconds, stats.loss)
     save_generator(model, tokenizer, run_dir / "generator")

@@ -1,4 +1,4 @@
-"""Backbone warm-up: task training of the backbone with random sub-layer dropping.
+"""Backbone warm-up: task training of the backbone with random sub-layer (and token) dropping.
 
 Before a policy can learn what to skip, the backbone must solve the task and tolerate missing sub-layers:
 a generator learns its targets by teacher forcing, a classifier its labels (e.g. fine-tuning an encoder's
@@ -11,6 +11,11 @@ in-place distillation of slimmable networks, Yu & Huang 2019; DynaBERT applies i
 each drawn instance appears twice in one batch, once under the all-ones plan, trained on its label or target,
 and once under a random plan, trained toward the all-ones row's own (detached) prediction. What a policy is
 held to is agreement with the full model, and this teaches the sub-networks exactly that.
+
+With ``token_drop > 0`` (a space with token dropping) the random plans also drop input tokens after the first
+layer: each instance draws a rate uniformly in ``[0, token_drop]`` and loses each droppable token (real, not
+always kept) with that probability, so the backbone learns to work from the shortened inputs a token head
+makes (token-dropping training of BERT, Hou et al. 2022, in the spirit of LayerDrop).
 """
 
 from __future__ import annotations
@@ -51,6 +56,16 @@ def random_plan(space, batch_size: int, skip_prob: float, generator: torch.Gener
     return Plan(space, bits)
 
 
+def random_token_keep(obs, token_drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A keep-mask over ``obs``'s input: per instance a drop rate drawn uniformly in ``[0, token_drop]``, each
+    droppable token dropped with that probability; padding is never kept, always-kept tokens always are."""
+    mask = obs.attention_mask.bool().cpu()
+    droppable = mask & ~obs.always_keep.bool().cpu()
+    rate = torch.rand(obs.batch_size, 1, generator=generator) * token_drop
+    dropped = droppable & (torch.rand(mask.shape, generator=generator) < rate)
+    return mask & ~dropped
+
+
 def train_generator(
     model,
     encoder: Encoder,
@@ -64,6 +79,7 @@ def train_generator(
     warmup_frac: float = 0.05,
     skip_prob: float = 0.0,
     distill: float = 0.0,
+    token_drop: float = 0.0,
     seed: int = 0,
     progress: bool = True,
 ) -> WarmupStats:
@@ -84,6 +100,9 @@ def train_generator(
         distill: weight of the in-place distillation loss (KL from the all-ones row's prediction to the
             random-plan row's); 0 trains every row on its labels alone. When > 0, a step draws
             ``batch_size // 2`` instances and runs each under both plans, so a step costs what it costs without.
+        token_drop: the largest per-instance rate at which random plans drop droppable input tokens (see
+            :func:`random_token_keep`); the all-ones rows of distillation keep every token. Needs a space with
+            token dropping.
         seed: seeds batch sampling and plans (and nothing global).
         progress: show a tqdm progress bar.
 
@@ -102,7 +121,11 @@ def train_generator(
         raise ValueError(f"distill must be a weight >= 0, got {distill}")
     if distill > 0.0 and batch_size < 2:
         raise ValueError(f"distillation pairs each instance's full and sub-network rows: batch_size must be >= 2, got {batch_size}")
+    if not 0.0 <= token_drop < 1.0:
+        raise ValueError(f"token_drop must be a rate in [0, 1), got {token_drop}")
     rt = get_runtime(model)
+    if token_drop > 0.0 and not rt.space.token_dropping:
+        raise ValueError(f"token_drop needs a space with token dropping, got a {rt.space.describe()}")
     classifier = rt.head == "classifier"
     if not examples:
         raise ValueError("training needs at least one example")
@@ -129,22 +152,25 @@ def train_generator(
             scale = frac / warmup_frac if frac < warmup_frac else (1.0 - frac) / (1.0 - warmup_frac)
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.0)
+            half = batch_size // 2 if distill > 0.0 else 0
             if distill > 0.0:
-                half = batch_size // 2
                 idx = torch.randint(len(src), (half,), generator=gen).tolist() * 2
                 bits = random_plan(rt.space, 2 * half, skip_prob, gen).bits
                 bits[:half] = True
-                plan = Plan(rt.space, bits)
             else:
                 idx = torch.randint(len(src), (batch_size,), generator=gen).tolist()
-                plan = random_plan(rt.space, batch_size, skip_prob, gen)
+                bits = random_plan(rt.space, batch_size, skip_prob, gen).bits
             if classifier:
                 obs = rt.observe(*encoder.batch([src[i] for i in idx]))
                 y = torch.tensor([tgt[i] for i in idx])
             else:
                 input_ids, mask, protected, y = encoder.training_rows([src[i] for i in idx], [tgt[i] for i in idx])
                 obs = rt.observe(input_ids, mask, protected)
-            loss = plan_loss(rt, obs, plan, y, distill)
+            keep = None
+            if token_drop > 0.0:
+                keep = random_token_keep(obs, token_drop, gen)
+                keep[:half] = obs.attention_mask[:half].bool().cpu()  # the sandwich's full rows keep every token
+            loss = plan_loss(rt, obs, Plan(rt.space, bits, keep), y, distill)
             if not math.isfinite(loss.item()):
                 raise ValueError(f"the generator warm-up diverged: its loss became {loss.item()} at step {step}; lower backbone.warmup.lr")
             opt.zero_grad(set_to_none=True)
