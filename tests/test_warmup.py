@@ -128,7 +128,7 @@ def test_distillation_rejects_bad_settings():
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
         train_generator(model, Encoder(tok, 16), exs, steps=1, batch_size=1, distill=1.0)
     stats = train_generator(model, Encoder(tok, 16), exs, steps=3, batch_size=4, distill=1.0, token_drop=0.5, progress=False)
-    assert stats.steps == 3 and all(map(math.isfinite, stats.losses))  # a classifier's rows drop tokens too
+    assert stats.steps == 3 and all(map(math.isfinite, stats.losses))  # a classifier's warm-up runs with token drops too
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="token_drop must be a rate in"):
             train_generator(model, Encoder(tok, 16), exs, steps=1, token_drop=bad)
@@ -161,6 +161,11 @@ def test_token_drop_in_the_warm_up_makes_token_dropping_plans_agree_with_the_ful
     encoder = Encoder(tok, 48, prompt=PromptFormat("{input} =") if causal else None, causal=causal, max_target_tokens=16)
     task = SyntheticTask(seed=0, n_train=400, n_eval=48, max_len=6)
     train, held = task.load("train"), task.load("validation")
+    if causal:  # a training row's answer is protected: no random plan drops it
+        ids, mask, protected, labels = encoder.training_rows(encoder.inputs(held)[0], encoder.labels(held))
+        obs = get_runtime(build(tok)).observe(ids, mask, protected)
+        keep = random_token_keep(obs, 0.9, torch.Generator().manual_seed(0))
+        assert keep[labels != -100].all() and not keep[mask.bool() & (labels == -100)].all()
     gaps = {}
     for token_drop in (0.0, 0.5):
         model = build(tok)
