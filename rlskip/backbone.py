@@ -87,7 +87,26 @@ def load_backbone(name_or_path: str, head: str = "lm", num_labels: int | None = 
         cls, kwargs = AutoModelForSequenceClassification, {"num_labels": num_labels} if num_labels else {}
     else:
         cls, kwargs = (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM), {}
-    return _from_pretrained(cls, name, revision, local, "model", **extra, **kwargs).eval()
+    model = _from_pretrained(cls, name, revision, local, "model", **extra, **kwargs).eval()
+    if "gguf_file" in extra:
+        _mark_dequantised(model)
+    return model
+
+
+def _mark_dequantised(model) -> None:
+    """Transformers dequantises a GGUF file into plain float weights but leaves the model marked as GGUF-quantised,
+    and ``save_pretrained`` refuses such a model, so a warm-up or joint tuning could not save what it trained.
+    When every weight is a plain float tensor in a plain module, drop the marks: the model is what a float
+    checkpoint would load. A model that still holds GGUF blocks keeps them."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    plain = all(p.is_floating_point() for p in model.parameters()) and not any(
+        "gguf" in type(m).__module__ for m in model.modules()
+    )
+    if plain:
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 @contextmanager

