@@ -55,6 +55,8 @@ class WarmupConfig:
     batch_size: int = 64
     distill: float = 0.0  # > 0: sandwich steps, sub-networks distilled from the full model (rlskip.agents.warmup)
     token_drop: float = 0.0  # > 0: random plans also drop input tokens, at a per-instance rate up to this
+    token_drop_rule: str = "random"  # random: tokens anywhere | tail: a lead of random length kept
+    targets: str = "reference"  # reference: the task's targets | own: the full model's own outputs (generation)
 
 
 @dataclass
@@ -352,6 +354,12 @@ def validate_train(cfg: DictConfig) -> None:
         raise _bad("backbone.warmup.skip_prob", cfg.backbone.warmup.skip_prob, "a probability in [0, 1)")
     if not 0.0 <= cfg.backbone.warmup.token_drop < 1.0:
         raise _bad("backbone.warmup.token_drop", cfg.backbone.warmup.token_drop, "a rate in [0, 1)")
+    if cfg.backbone.warmup.token_drop_rule not in ("random", "tail"):
+        raise _bad("backbone.warmup.token_drop_rule", cfg.backbone.warmup.token_drop_rule, "one of ['random', 'tail']")
+    if cfg.backbone.warmup.targets not in ("reference", "own"):
+        raise _bad("backbone.warmup.targets", cfg.backbone.warmup.targets, "one of ['reference', 'own']")
+    if cfg.backbone.warmup.targets == "own" and cfg.env.name == "glue":
+        raise _bad("backbone.warmup.targets", "own", "reference with env=glue (own outputs replace a generation task's targets)")
     if not (math.isfinite(cfg.backbone.warmup.distill) and cfg.backbone.warmup.distill >= 0.0):
         raise _bad("backbone.warmup.distill", cfg.backbone.warmup.distill, "a weight >= 0")
     if cfg.backbone.warmup.distill > 0.0 and cfg.backbone.warmup.batch_size < 2:

@@ -136,6 +136,9 @@ def test_bad_values_fail_fast_and_failed_starts_leave_nothing(tmp_path, capsys):
                       (["agent.iterations=-5"], "agent.iterations"), (["constraint.max_quality_drop=2"], "constraint.max_quality_drop"),
                       (["backbone.warmup.distill=-1"], "backbone.warmup.distill"),
                       (["backbone.warmup.token_drop=1"], "backbone.warmup.token_drop"),
+                      (["backbone.warmup.token_drop_rule=middle"], "backbone.warmup.token_drop_rule"),
+                      (["backbone.warmup.targets=gold"], "backbone.warmup.targets"),
+                      (["env=glue", "env.task=mrpc", "backbone.warmup.targets=own"], "backbone.warmup.targets"),
                       (["backbone.warmup.distill=1", "backbone.warmup.batch_size=1"], "backbone.warmup.batch_size")):
         run = tmp_path / key
         t0 = time.perf_counter()

@@ -228,8 +228,9 @@ def test_xsum_runs_a_few_steps_on_local_files(tmp_path, bart_tokenizer):
 
 
 def test_a_tokens_only_policy_trains_on_a_causal_backbone_and_serves(tmp_path):
-    """stories260K (real weights) on XSum prompts, the policy deciding tokens only (with its token features): the run
-    trains, calibrates and evaluates, and the loaded policy keeps every sub-layer while dropping prompt tokens."""
+    """stories260K (real weights) on XSum prompts, warmed up on its own outputs with tail token drops, the policy
+    deciding tokens only (with its token features): the run trains, calibrates and evaluates, and the loaded policy
+    keeps every sub-layer while dropping prompt tokens."""
     from paths import STORIES_DIR
 
     import rlskip
@@ -244,8 +245,11 @@ def test_a_tokens_only_policy_trains_on_a_causal_backbone_and_serves(tmp_path):
         "agent.bit_head=false", "agent.token_features=true", "agent.token_lead_prior=0.5", "agent.iterations=3", "agent.n_envs=8", "agent.policies=1",
         "eval.limit=8", "eval.calibration_instances=8", "eval.static_search_instances=4", "eval.latency_instances=4",
         "eval.latency_batch=4", "log.every=1", "log.latency_every=100", "log.progress=false", f"run_dir={run}",
+        "backbone.warmup.steps=3", "backbone.warmup.targets=own", "backbone.warmup.distill=1", "backbone.warmup.batch_size=4",
+        "backbone.warmup.skip_prob=0", "backbone.warmup.token_drop=0.5", "backbone.warmup.token_drop_rule=tail",
     ]
     assert main(args) == 0
+    assert (run / "generator" / "model.safetensors").is_file()  # the warmed-up generator, referenced by the policy
     summary = json.loads((run / "summary.json").read_text())
     assert summary["metric"].startswith("rouge") and summary["flops_ratio"] > 0.0  # the policy costs 1-2% of this 260K model
     m = rlskip.load(run, threshold=0.5)

@@ -1,7 +1,8 @@
 """The backbone warm-up's in-place distillation (sandwich steps): for a classifier, a seq2seq generator and a
 decoder-only generator, distilled sub-networks end closer to their own full model than sub-networks trained on
 the labels alone, from the same start, for the same steps and data. With token dropping in the random plans
-(``token_drop``), plans that drop input tokens end closer to the full model than without it."""
+(``token_drop``), plans that drop input tokens end closer to the full model than without it. Warmed up on its
+own outputs (``own_targets``), a generator keeps saying what it said."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlskip.agents.warmup import random_plan, random_token_keep, train_generator
+from rlskip.agents.warmup import own_targets, random_plan, random_token_keep, train_generator
 from rlskip.encoding import Encoder
 from rlskip.envs.tasks.synthetic import SyntheticTask, small_bart_config, synthetic_tokenizer
 from rlskip.plan import Plan
@@ -175,3 +176,61 @@ def test_token_drop_in_the_warm_up_makes_token_dropping_plans_agree_with_the_ful
         assert sum(stats.losses[-10:]) < sum(stats.losses[:10])
         gaps[token_drop] = _sub_network_gap(model, encoder, held, False, skip_prob=0.0, token_drop=0.5)
     assert gaps[0.5] < 0.75 * gaps[0.0], gaps
+
+
+def test_the_tail_rule_keeps_a_lead_of_random_length():
+    tok = synthetic_tokenizer()
+    rt = get_runtime(_roberta(tok))
+    rows, _ = Encoder(tok, 16).inputs(_classification_examples(200, 0))
+    obs = rt.observe(*Encoder(tok, 16).batch(rows))
+    keep = random_token_keep(obs, 0.6, torch.Generator().manual_seed(0), rule="tail")
+    mask, always = obs.attention_mask.bool(), obs.always_keep.bool()
+    assert not (keep & ~mask).any() and (keep | ~(mask & always)).all()
+    droppable = mask & ~always
+    for row_keep, row_drop in zip(keep, droppable):
+        kept = row_keep[row_drop].tolist()
+        assert kept == sorted(kept, reverse=True) and kept[0]  # a non-empty lead, then only drops
+    rates = ((droppable & ~keep).sum(1) / droppable.sum(1)).tolist()
+    assert 0.15 < sum(rates) / len(rates) < 0.38 and torch.tensor(rates).std() > 0.1, rates
+    with pytest.raises(ValueError, match="token drop rule must be one of"):
+        random_token_keep(obs, 0.6, rule="middle")
+
+
+def test_own_targets_are_what_generate_says_and_a_warm_up_on_them_keeps_the_full_model():
+    """The targets ``own_targets`` makes are Hugging Face ``generate()``'s greedy outputs, one prompt at a time.
+    Trained on them with the sandwich rule, the full model keeps its outputs far better than trained on the
+    task's references for the same steps from the same start (a random tiny Llama says nothing like them)."""
+    tok = synthetic_tokenizer()
+    encoder = Encoder(tok, 48, prompt=PromptFormat("{input} ="), causal=True, max_target_tokens=16)
+    task = SyntheticTask(seed=0, n_train=200, n_eval=32, max_len=6)
+    train, held = task.load("train"), task.load("validation")
+    settings = {"max_new_tokens": 8, "num_beams": 1}
+    model = _llama(tok).eval()
+    own = own_targets(model, encoder, train[:24], settings, batch_size=5, progress=False)
+    assert [e.source for e in own] == [e.source for e in train[:24]] and all(len(e.targets) == 1 for e in own)
+    rows, _ = encoder.inputs(train[:24])
+    with torch.no_grad():
+        for row, ex in zip(rows[:6], own):
+            ids = torch.tensor([list(row)])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            assert ex.targets[0] == encoder.decode(out[:, ids.shape[1]:])[0]
+    with pytest.raises(ValueError, match="own targets need generation examples"):
+        own_targets(model, encoder, _classification_examples(3, 0), settings)
+
+    said = own_targets(model, encoder, held, settings, progress=False)  # what the untrained model says
+
+    def nll_of_said(m) -> float:  # teacher-forced, the full model: how surely m still says it
+        rt = get_runtime(m)
+        ids, mask, protected, labels = encoder.training_rows(encoder.inputs(said)[0], encoder.labels(said))
+        with torch.no_grad():
+            return float(rt.forward(rt.observe(ids, mask, protected), Plan.all_ones(rt.space, len(said)), labels)[1])
+
+    nll = {"start": nll_of_said(model)}
+    for name in ("reference", "own"):
+        m = _llama(tok)
+        data = train if name == "reference" else own_targets(m, encoder, train, settings, progress=False)
+        train_generator(m, encoder, data, steps=40, batch_size=16, lr=5e-3, skip_prob=0.3, distill=4.0,
+                        token_drop=0.5, token_drop_rule="tail", seed=0, progress=False)
+        nll[name] = nll_of_said(m)
+    assert nll["own"] < nll["start"] < nll["reference"], nll

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -59,14 +60,20 @@ def load_generator(cfg: DictConfig, task, run_dir: Path, resuming: bool):
 def warm_up(cfg: DictConfig, model, tokenizer, encoder: Encoder, run_dir: Path, train_examples) -> None:
     """Train the generator on the task under random sub-layer dropping and save it under ``generator/``, when
     the run builds its generator or asks for a warm-up (``backbone.warmup``) and has not done so already."""
-    from rlskip.agents.warmup import train_generator
+    from rlskip.agents.warmup import own_targets, train_generator
+    from rlskip.config import generation_settings
 
     w = cfg.backbone.warmup
     if (run_dir / "generator").is_dir() or not (cfg.backbone.name_or_path == SYNTHETIC_SMALL or w.time_budget_s or w.steps):
         return
+    if w.targets == "own":
+        t = time.perf_counter()
+        train_examples = own_targets(model, encoder, train_examples, generation_settings(cfg), progress=cfg.log.progress)
+        log.info("generator warm-up: the full model's own outputs for %d training examples in %.0fs", len(train_examples), time.perf_counter() - t)
     stats = train_generator(
         model, encoder, train_examples, steps=w.steps, time_budget=w.time_budget_s or None, batch_size=w.batch_size,
-        lr=w.lr, skip_prob=w.skip_prob, distill=w.distill, token_drop=w.token_drop, seed=cfg.seed, progress=cfg.log.progress,
+        lr=w.lr, skip_prob=w.skip_prob, distill=w.distill, token_drop=w.token_drop, token_drop_rule=w.token_drop_rule,
+        seed=cfg.seed, progress=cfg.log.progress,
     )
     log.info("generator warm-up: %d steps in %.0fs, final loss %.4f", stats.steps, stats.seconds, stats.loss)
     save_generator(model, tokenizer, run_dir / "generator")

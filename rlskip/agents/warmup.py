@@ -15,14 +15,21 @@ held to is agreement with the full model, and this teaches the sub-networks exac
 With ``token_drop > 0`` (a space with token dropping) the random plans also drop input tokens after the first
 layer: each instance draws a rate uniformly in ``[0, token_drop]`` and loses each droppable token (real, not
 always kept) with that probability, so the backbone learns to work from the shortened inputs a token head
-makes (token-dropping training of BERT, Hou et al. 2022, in the spirit of LayerDrop).
+makes (token-dropping training of BERT, Hou et al. 2022, in the spirit of LayerDrop). The ``"tail"`` rule drops a
+random-length tail instead, the truncation a lead-keeping token head makes.
+
+A generator can also be warmed up on its own outputs (:func:`own_targets`) instead of the references: with the
+sandwich rule that is self-distillation, which leaves the full model where it was and teaches its sub-networks
+to say what it says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +63,54 @@ def random_plan(space, batch_size: int, skip_prob: float, generator: torch.Gener
     return Plan(space, bits)
 
 
-def random_token_keep(obs, token_drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A keep-mask over ``obs``'s input: per instance a drop rate drawn uniformly in ``[0, token_drop]``, each
-    droppable token dropped with that probability; padding is never kept, always-kept tokens always are."""
+TOKEN_DROP_RULES = ("random", "tail")
+
+
+def random_token_keep(obs, token_drop: float, generator: torch.Generator | None = None, rule: str = "random") -> torch.Tensor:
+    """A keep-mask over ``obs``'s input: per instance a drop rate drawn uniformly in ``[0, token_drop]``. Rule
+    ``"random"`` drops each droppable token with that probability; ``"tail"`` drops that share of the droppable
+    tokens from the end, keeping a lead of random length (the truncation a lead-keeping token head makes).
+    Padding is never kept, always-kept tokens always are."""
+    if rule not in TOKEN_DROP_RULES:
+        raise ValueError(f"token drop rule must be one of {list(TOKEN_DROP_RULES)}, got {rule!r}")
     mask = obs.attention_mask.bool().cpu()
     droppable = mask & ~obs.always_keep.bool().cpu()
     rate = torch.rand(obs.batch_size, 1, generator=generator) * token_drop
+    if rule == "tail":
+        rank = droppable.long().cumsum(1)
+        return mask & (~droppable | (rank <= torch.ceil(droppable.sum(1, keepdim=True) * (1.0 - rate))))
     dropped = droppable & (torch.rand(mask.shape, generator=generator) < rate)
     return mask & ~dropped
+
+
+def own_targets(model, encoder: Encoder, examples: list, gen_kwargs: dict, batch_size: int = 16, progress: bool = True) -> list:
+    """``examples`` with each target replaced by the full model's own output for it under ``gen_kwargs`` (the run's
+    decoding settings).
+
+    A warm-up on them is self-distillation (sequence-level knowledge distillation, Kim & Rush 2016, from the
+    model to its own sub-networks): the all-ones rows learn what the model already says, so the full model stays
+    where it was, while the sub-networks learn to say it too. What a policy is held to is then the model the
+    user brought, not one fine-tuned toward the references.
+    """
+    from rlskip.execute import Executor
+
+    if not examples or any(not getattr(ex, "targets", None) for ex in examples):
+        raise ValueError("own targets need generation examples: the full model's outputs replace their targets")
+    rt = get_runtime(model)
+    ex = Executor(rt, encoder, "generation", gen_kwargs)
+    rows, _ = encoder.inputs(examples)
+    model.eval()
+    outputs: list[str] = []
+    for i in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="own targets", unit="batch"):
+        obs = ex.observe(rows[i : i + batch_size])
+        outputs += ex.run(obs, Plan.all_ones(rt.space, obs.batch_size)).predictions
+    return [_with_target(e, p) for e, p in zip(examples, outputs)]
+
+
+def _with_target(example, target: str):
+    if dataclasses.is_dataclass(example):
+        return dataclasses.replace(example, targets=[target])
+    return SimpleNamespace(**{**vars(example), "targets": [target]})
 
 
 def train_generator(
@@ -80,6 +127,7 @@ def train_generator(
     skip_prob: float = 0.0,
     distill: float = 0.0,
     token_drop: float = 0.0,
+    token_drop_rule: str = "random",
     seed: int = 0,
     progress: bool = True,
 ) -> WarmupStats:
@@ -103,6 +151,7 @@ def train_generator(
         token_drop: the largest per-instance rate at which random plans drop droppable input tokens (see
             :func:`random_token_keep`); the all-ones rows of distillation keep every token. Needs a space with
             token dropping.
+        token_drop_rule: ``"random"`` (tokens anywhere) or ``"tail"`` (a lead of random length kept).
         seed: seeds batch sampling and plans (and nothing global).
         progress: show a tqdm progress bar.
 
@@ -123,6 +172,8 @@ def train_generator(
         raise ValueError(f"distillation pairs each instance's full and sub-network rows: batch_size must be >= 2, got {batch_size}")
     if not 0.0 <= token_drop < 1.0:
         raise ValueError(f"token_drop must be a rate in [0, 1), got {token_drop}")
+    if token_drop_rule not in TOKEN_DROP_RULES:
+        raise ValueError(f"token_drop_rule must be one of {list(TOKEN_DROP_RULES)}, got {token_drop_rule!r}")
     rt = get_runtime(model)
     if token_drop > 0.0 and not rt.space.token_dropping:
         raise ValueError(f"token_drop needs a space with token dropping, got a {rt.space.describe()}")
@@ -168,7 +219,7 @@ def train_generator(
                 obs = rt.observe(input_ids, mask, protected)
             keep = None
             if token_drop > 0.0:
-                keep = random_token_keep(obs, token_drop, gen)
+                keep = random_token_keep(obs, token_drop, gen, token_drop_rule)
                 keep[:half] = obs.attention_mask[:half].bool().cpu()  # the sandwich's full rows keep every token
             loss = plan_loss(rt, obs, Plan(rt.space, bits, keep), y, distill)
             if not math.isfinite(loss.item()):
