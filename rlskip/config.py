@@ -36,8 +36,9 @@ class EnvConfig:
     num_beams: int = 1
     margin: float = 0.0  # > 0: the reward scales quality by min(1, decision margin / min(this, the full model's margin))
     fidelity: Optional[str] = None  # a metric (rougeL, accuracy, ...): score against the full model's own outputs instead
-    # the reward's compute term: flops (the analytic FLOPs ratio) or time (the predicted wall-clock ratio of a
-    # time model measured on this machine when training starts, rlskip.cost; saved as time_model.json)
+    # the reward's compute term: flops (the analytic FLOPs ratio), time (the predicted wall-clock ratio of a
+    # time model measured on this machine when training starts, rlskip.cost; saved as time_model.json) or max
+    # (the larger of the two: a plan pays for whichever of its FLOPs and its time it saves less of)
     cost: str = "flops"
     # instruction template around the input ({input}, {pair}) for decoder-only backbones; null: the task's
     # (the run's config.yaml records the one used)
@@ -397,10 +398,10 @@ def validate_train(cfg: DictConfig) -> None:
     for key in ("constraint.penalty", "constraint.lam_init", "constraint.lr", "constraint.lam"):
         if OmegaConf.select(cfg, key) is not None:
             positive(key, allow_zero=True)
-    if cfg.env.cost not in ("flops", "time"):
-        raise _bad("env.cost", cfg.env.cost, "flops or time")
-    if cfg.env.cost == "time" and cfg.constraint.name == "budget":
-        raise _bad("env.cost", "time", "flops with constraint=budget (a budget is a FLOPs ratio)")
+    if cfg.env.cost not in ("flops", "time", "max"):
+        raise _bad("env.cost", cfg.env.cost, "flops, time or max")
+    if cfg.env.cost != "flops" and cfg.constraint.name == "budget":
+        raise _bad("env.cost", cfg.env.cost, "flops with constraint=budget (a budget is a FLOPs ratio)")
     if cfg.env.margin > 0 and cfg.env.num_beams != 1:
         raise _bad("env.margin", cfg.env.margin, "0 with env.num_beams > 1 (margin shaping reads greedy decoding's margins)")
 

@@ -1,4 +1,5 @@
-"""A measured time model: the reward's compute term as predicted wall-clock instead of FLOPs (``env.cost=time``).
+"""A measured time model: the reward's compute term as predicted wall-clock instead of FLOPs (``env.cost=time``),
+or as the larger of the two (``env.cost=max``, applied by :class:`rlskip.envs.rollout.SkipRollout`).
 
 FLOPs are a poor proxy for time when a model's parts run at different efficiencies. On the embedded default
 (a small BART, 16-token sources, batch 16) an encoder sub-layer runs once over every token as one large matrix

@@ -129,7 +129,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
     ex = Executor(rt, encoder, task.kind, generation_settings(cfg), cfg.env.label_words)
     calib_data, eval_data = EvalData.encode(ex, calib_ex), EvalData.encode(ex, eval_ex)
     latency_data = eval_data.head(cfg.eval.latency_instances)
-    time_model = time_model_for(cfg, run_dir, ex, train_ex, dist) if cfg.env.cost == "time" else None
+    time_model = time_model_for(cfg, run_dir, ex, train_ex, dist) if cfg.env.cost != "flops" else None
 
     # the policies, one after another, each calibrated on the held-out instances
     n = cfg.agent.policies
@@ -153,7 +153,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
             margin=cfg.env.margin, fidelity=cfg.env.fidelity, prompt=encoder.prompt, shard=(dist.rank, dist.world),
             **({"budget": budgets, "budget_in_obs": True} if budgets else {}),
         )
-        env.rollout.time_model = time_model
+        env.rollout.time_model, env.rollout.cost_max = time_model, cfg.env.cost == "max"
         t = time.perf_counter()
         learner, ref, stats = train_policy(cfg, c, cdir, env, frozen_ref, latency_data, tokenizer, dist)
         seconds["policy"] += time.perf_counter() - t
@@ -221,7 +221,7 @@ def run(cfg: DictConfig, rd: RunDir, resuming: bool = False, dist: Dist | None =
 
 
 def time_model_for(cfg: DictConfig, run_dir: Path, ex, train_ex, dist: Dist):
-    """``env.cost=time``: the run's time model (:mod:`rlskip.cost`), measured by rank 0 on the first
+    """``env.cost=time`` or ``max``: the run's time model (:mod:`rlskip.cost`), measured by rank 0 on the first
     ``eval.latency_batch`` training instances and shared with every rank, or read back from
     ``time_model.json`` when resuming, so a resumed run keeps pricing plans as it did."""
     from rlskip.checkpoint import atomic_write_text

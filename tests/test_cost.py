@@ -112,6 +112,26 @@ def test_the_reward_sees_the_predicted_time(model, env):
     np.testing.assert_allclose(r, env.constraint.reward(q, qf, cost), rtol=1e-6)  # the vec env returns float32
 
 
+def test_cost_max_prices_a_plan_by_the_larger_of_its_time_and_its_flops(env):
+    """``env.cost=max``: the reward's cost is the larger of the predicted time ratio and the FLOPs ratio, row by
+    row; infos still report each of the two."""
+    space = env.rollout.space
+    # FFNs cost three times their FLOPs, encoder attention nothing: some plans' time is above their FLOPs, some below
+    tm = TimeModel(1.0, {**{c.kind: 1.0 for c in space.skippable}, "dec_ffn": 3.0, "enc_attn": 0.0})
+    env.rollout.time_model, env.rollout.cost_max = tm, True
+    try:
+        rng = np.random.default_rng(1)
+        env.reset()
+        _, r, _, infos = env.step((rng.random((8, env.action_space.n)) < 0.5).astype(np.int8))
+    finally:
+        env.rollout.time_model, env.rollout.cost_max = None, False
+    flops, time_, cost = (np.array([i[k] for i in infos]) for k in ("flops_ratio", "time_ratio", "cost"))
+    np.testing.assert_array_equal(cost, np.maximum(flops, time_))
+    assert (time_ > flops + 0.01).any() and (flops > time_ + 0.01).any()  # both sides of the max occur
+    q, qf = np.array([i["quality"] for i in infos]), np.array([i["quality_full"] for i in infos])
+    np.testing.assert_allclose(r, env.constraint.reward(q, qf, cost), rtol=1e-6)
+
+
 def test_a_run_prices_plans_with_its_measured_time_model(tmp_path):
     """``env.cost=time``: the model is measured once, saved beside the run and in its summary, and the learner
     logs the predicted time ratio beside the FLOPs ratio."""

@@ -320,8 +320,9 @@ def test_agent_and_constraint_values_are_validated_at_compose():
         ("constraint=lagrangian", "constraint.lr=-0.1"): "constraint.lr=-0.1",
         ("env.margin=1", "env.num_beams=4"): "env.margin=1.0, expected 0 with env.num_beams > 1",
         ("generator.mode=frozen-ish",): "generator.mode='frozen-ish'",
-        ("env.cost=seconds",): "env.cost='seconds', expected flops or time",
+        ("env.cost=seconds",): "env.cost='seconds', expected flops, time or max",
         ("env.cost=time", "constraint=budget"): "env.cost='time', expected flops with constraint=budget",
+        ("env.cost=max", "constraint=budget"): "env.cost='max', expected flops with constraint=budget",
     }
     for overrides, message in cases.items():
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -2,7 +2,7 @@
 
 The native learner and PPO record the same keys: ``reward/*``, ``quality/*`` (``quality/margin``: the batch's
 median decision margin), ``cost/flops_ratio`` (and ``cost/time_ratio``, the predicted time ratio the reward
-sees, under ``env.cost=time``),
+sees, under ``env.cost=time``; the time ratio alone under ``max``),
 ``constraint/*``, per-candidate ``skip_rate/<name>``, the ``skip_rate/heatmap`` image (layer x sub-layer
 kind) and ``tokens/keep_rate``; ``cost/latency_ratio`` is recorded when measured; a budget-conditioned run adds
 ``budget/<low>-<high>/quality`` and ``budget/<low>-<high>/flops_ratio`` per budget bucket of 0.1.

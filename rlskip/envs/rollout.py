@@ -145,8 +145,10 @@ class SkipRollout:
         self.fidelity = fidelity
         self.policy_flops = float(policy_flops)
         self.margin = float(margin)
-        # env.cost=time: the reward's cost is the plan's predicted time ratio (rlskip.cost), set by the trainer
+        # env.cost=time: the reward's cost is the plan's predicted time ratio (rlskip.cost), set by the trainer;
+        # with cost_max too (env.cost=max), the larger of that and the FLOPs ratio
         self.time_model = None
+        self.cost_max = False
         # Tokenise everything once: stepping must not re-tokenise, and truncation is counted (and logged)
         # once for the whole data set rather than per item.
         if prompt is None and runtime.kind == "causal":  # a decoder-only model reads the task as a prompt
@@ -337,6 +339,9 @@ class SkipRollout:
             )
         full = [self.full_outputs[i] for i in indices]
         outputs, cost, margins, flops_ratio = outputs[:n], cost[:n], margins[:n], flops_ratio[:n]
+        time_ratio = cost if self.time_model is not None else None
+        if self.cost_max and time_ratio is not None:
+            cost = np.maximum(time_ratio, flops_ratio)
         quality = np.asarray(self._quality(outputs, indices, [f.text for f in full]), dtype=np.float64)
         quality_full = np.asarray([f.quality for f in full], dtype=np.float64)
         shaped = self.shaped_quality(quality, margins, np.asarray([f.margin for f in full], dtype=np.float64))
@@ -355,7 +360,7 @@ class SkipRollout:
                 "quality_full": float(quality_full[r]),
                 "cost": float(cost[r]),
                 "flops_ratio": float(flops_ratio[r]),
-                **({"time_ratio": float(cost[r])} if self.time_model is not None else {}),
+                **({"time_ratio": float(time_ratio[r])} if time_ratio is not None else {}),
                 "reward": float(reward[r]),
                 "margin": float(margins[r]),
                 "plan_bits": bits[r].copy(),
