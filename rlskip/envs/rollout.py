@@ -269,9 +269,10 @@ class SkipRollout:
         keep = torch.as_tensor(actions[:, self.space.n_bits : self.space.n_bits + width] == 1)
         return Plan(self.space, bits, keep)
 
-    def _run(self, obs: Observation, plan: Plan) -> tuple[list[str | int], np.ndarray, np.ndarray, np.ndarray]:
-        """Execute plans: the outputs (texts, or class ids), the cost the reward sees (the FLOPs ratio, or under
-        :attr:`time_model` the predicted time ratio), the FLOPs ratio and the decision margin of each row.
+    def _run(self, obs: Observation, plan: Plan) -> tuple[list[str | int], np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Execute plans: the outputs (texts, or class ids), the cost the reward sees (the FLOPs ratio; under
+        :attr:`time_model` the predicted time ratio, or with :attr:`cost_max` the larger of the two), the FLOPs
+        ratio, the predicted time ratio (None without a time model) and the decision margin of each row.
 
         The margin is the gap between the chosen and the runner-up score: of the class logits, or, for
         generation, the smallest over the greedy decoding steps (NaN under beam search), to 3 decimals.
@@ -279,13 +280,15 @@ class SkipRollout:
         out = self.executor.run(obs, plan, self.policy_flops, return_margins=True)
         margins = out.margins if out.margins is not None else torch.full((len(out.predictions),), float("nan"))
         flops_ratio = cost = out.flops_ratio.numpy()
+        time_ratio = None
         if self.time_model is not None:
             beams = int(self.executor.gen_kwargs.get("num_beams", 1) or 1)
-            cost = self.time_model.ratio(
+            time_ratio = self.time_model.ratio(
                 self.runtime, plan.bits, obs.lengths, out.input_kept, out.steps, beams, self.policy_flops
             ).numpy()
+            cost = np.maximum(time_ratio, flops_ratio) if self.cost_max else time_ratio
         # rounded: the rows a batch holds move the last float bits, and an instance's reward must not depend on them
-        return out.predictions, cost, flops_ratio, np.round(margins.double().cpu().numpy(), 3)
+        return out.predictions, cost, flops_ratio, time_ratio, np.round(margins.double().cpu().numpy(), 3)
 
     def shaped_quality(self, quality: np.ndarray, margins: np.ndarray, full_margins: np.ndarray) -> np.ndarray:
         """The quality the reward sees: ``quality`` itself, or with ``margin = m > 0`` scaled by
@@ -330,7 +333,7 @@ class SkipRollout:
             )
         else:
             run_obs, run_plan = obs, plan
-        outputs, cost, flops_ratio, margins = self._run(run_obs, run_plan)
+        outputs, cost, flops_ratio, time_ratio, margins = self._run(run_obs, run_plan)
         if missing:
             full_out = outputs[n:]
             quality = self._quality(full_out, missing, full_out)
@@ -339,9 +342,7 @@ class SkipRollout:
             )
         full = [self.full_outputs[i] for i in indices]
         outputs, cost, margins, flops_ratio = outputs[:n], cost[:n], margins[:n], flops_ratio[:n]
-        time_ratio = cost if self.time_model is not None else None
-        if self.cost_max and time_ratio is not None:
-            cost = np.maximum(time_ratio, flops_ratio)
+        time_ratio = None if time_ratio is None else time_ratio[:n]
         quality = np.asarray(self._quality(outputs, indices, [f.text for f in full]), dtype=np.float64)
         quality_full = np.asarray([f.quality for f in full], dtype=np.float64)
         shaped = self.shaped_quality(quality, margins, np.asarray([f.margin for f in full], dtype=np.float64))
@@ -380,7 +381,7 @@ class SkipRollout:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             obs = self.observe(chunk)
-            outputs, _, _, margins = self._run(obs, Plan(self.space, torch.ones(len(chunk), self.space.n_bits, dtype=torch.bool)))
+            outputs, _, _, _, margins = self._run(obs, Plan(self.space, torch.ones(len(chunk), self.space.n_bits, dtype=torch.bool)))
             quality = self._quality(outputs, chunk, outputs)
             self.full_outputs.update(
                 {i: FullOutput(o, float(q), float(g)) for i, o, q, g in zip(chunk, outputs, quality, margins)}
