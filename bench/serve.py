@@ -1,16 +1,21 @@
-"""Serving load test: ``python -m rlskip.serve`` on loopback under 16 concurrent clients, in three modes.
+"""Serving load test: ``python -m rlskip.serve`` on loopback under 16 concurrent clients, in four modes.
 
-One server process per mode, the same run directory and requests: the full model (``full_model=true``, FIFO
-batches), the policy with FIFO batches (``plan_aware=false``) and the policy with plan-aware batches
-(:mod:`rlskip.batching`). Clients run a closed loop (each sends its next request when the last is answered)
-over a fixed list of requests, bounded in count and time, then the server gets SIGTERM and must exit 0. The
-modes run in rounds (``--rounds``, default 2) whose order alternates (full, FIFO, plan-aware, then back), so
-drift in the load of a shared machine hits every mode alike; rates come from the totals over the rounds.
+One server process per mode, the same run directory and requests: the full model with its pools cut by the
+plan-aware rule (``full_model=true plan_aware=true``: one plan, so batches of similar lengths), the full model
+with FIFO batches (``full_model=true plan_aware=false``), the policy with FIFO batches (``plan_aware=false``)
+and the policy with plan-aware batches (:mod:`rlskip.batching`). Each policy mode is compared with the full
+model batched the same way, so a ratio holds what the plans save and not what the length order saves. Clients
+run a closed loop (each sends its next request when the last is answered) over a fixed list of requests,
+bounded in count and time, then the server gets SIGTERM and must exit 0. The modes run in rounds
+(``--rounds``, default 2) whose order alternates (full, full FIFO, FIFO, plan-aware, then back), so drift in
+the load of a shared machine hits every mode alike; rates come from the totals over the rounds.
 
 Reported per mode: requests and texts per second, p50 / p95 request latency, failed requests (an HTTP
 error), lost requests (no answer, or a wrong number of items), and from the server's own metrics the
-FLOPs ratio and the mean rows and distinct plans per runtime call. ``throughput_ratio_<mode>`` is the
-mode's requests/s over the full model's; ``ideal_speedup`` is 1 / the FLOPs ratio of the policy's plans
+FLOPs ratio and the mean rows and distinct plans per runtime call. ``throughput_ratio_plan_aware`` is the
+plan-aware policy's requests/s over the full model's with the same batching, ``throughput_ratio_fifo`` the
+FIFO policy's over the FIFO full model's, ``full_length_order_gain`` the full model's plan-aware (length-
+ordered) requests/s over its FIFO requests/s; ``ideal_speedup`` is 1 / the FLOPs ratio of the policy's plans
 (total executed over total full-model FLOPs, decisions included), which the performance contract asks
 plan-aware serving to reach within 0.9.
 
@@ -61,7 +66,8 @@ SHAPES = {
     "small": dict(d_model=512, encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048),
 }
 MODES = {
-    "full": ["full_model=true", "plan_aware=false"],
+    "full": ["full_model=true", "plan_aware=true"],  # pools cut by the plan-aware rule: one plan, batches by length
+    "full_fifo": ["full_model=true", "plan_aware=false"],
     "fifo": ["plan_aware=false"],
     "plan_aware": ["plan_aware=true"],
 }
@@ -277,10 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
             for m in (list(MODES) if r % 2 == 0 else list(reversed(MODES))):
                 raw[m].append(run_mode(run, m, requests, args.clients, args.deadline, extra))
         rows = {m: combine(m, raw[m]) for m in MODES}
-    full, fifo, aware = rows["full"], rows["fifo"], rows["plan_aware"]
+    full, full_fifo, fifo, aware = rows["full"], rows["full_fifo"], rows["fifo"], rows["plan_aware"]
     summary = {
         "throughput_ratio_plan_aware": aware["requests_per_s"] / full["requests_per_s"],
-        "throughput_ratio_fifo": fifo["requests_per_s"] / full["requests_per_s"],
+        "throughput_ratio_fifo": fifo["requests_per_s"] / full_fifo["requests_per_s"],
+        "full_length_order_gain": full["requests_per_s"] / full_fifo["requests_per_s"],
         "ideal_speedup": 1.0 / aware["flops_ratio"],
         "p95_latency_ratio_plan_aware": aware["p95_latency_s"] / full["p95_latency_s"],
         "failed_requests": sum(r["failed_requests"] for r in rows.values()),

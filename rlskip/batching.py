@@ -7,7 +7,8 @@ uses few distinct plans, so a *pool* of decided instances (several batches' wort
 that agree. The rule (:func:`plan_batches`):
 
 1. instances whose sub-layer bits are identical form a group (their token keep-masks may differ: dropped
-   tokens leave each row's tensors, whatever the other rows keep);
+   tokens leave each row's tensors, whatever the other rows keep), ordered by the number of input tokens
+   each keeps (:func:`kept_lengths`), shortest first;
 2. each group fills as many whole batches of ``max_batch`` rows as it can, largest group first;
 3. the instances left over (each group's remainder) are chained by plan similarity (greedy nearest neighbour
    in Hamming distance, starting from the largest remainder) and cut into batches of ``max_batch``, so the
@@ -17,6 +18,12 @@ Plans are never merged: every instance is executed under its own plan, so plan-a
 the same outputs (each instance's, as it gets alone; the runtime contract), its executed FLOPs are counted as
 executed, and results come back in the pool's order. The number of batches is ``ceil(n / max_batch)`` either
 way. ``plan_aware=False`` gives FIFO batches (consecutive chunks), for comparison.
+
+The length order (step 1) is for the padding a batch pays: its rows are padded to the longest input it holds,
+and a generated batch decodes until its longest output is done (input and output lengths often go together).
+It helps the full model as much: a pool of all-ones plans is one group, cut into batches of similar length.
+Comparisons of a policy's batches with the full model's therefore give the full model the same rule
+(``rlskip.evaluate``'s batched latency, ``bench/serve.py``).
 
 The pool is observed once; its batches take the observation's rows (:meth:`Observation.rows`) and drop the
 padding columns none of their rows uses (:func:`take`), so a batch of short inputs does not pay for the
@@ -44,13 +51,20 @@ def fifo_batches(n: int, max_batch: int) -> list[list[int]]:
     return [list(range(i, min(i + max_batch, n))) for i in range(0, n, max_batch)]
 
 
-def plan_batches(bits: torch.Tensor, max_batch: int, plan_aware: bool = True) -> list[list[int]]:
+def plan_batches(
+    bits: torch.Tensor, max_batch: int, plan_aware: bool = True, lengths: Sequence[int] | torch.Tensor | None = None
+) -> list[list[int]]:
     """Batches (lists of pool indices) for instances with sub-layer ``bits [n, n_bits]``, by the rule in the
-    module docstring; FIFO chunks when ``plan_aware`` is False."""
+    module docstring; FIFO chunks when ``plan_aware`` is False. ``lengths``: each instance's input length
+    (tokens it keeps); when given, each group is ordered by it before it is cut, so that a batch holds
+    instances of similar length."""
     n = bits.shape[0]
     if not plan_aware:
         return fifo_batches(n, max_batch)
     _check(max_batch)
+    if lengths is not None and len(lengths) != n:
+        raise ValueError(f"lengths has {len(lengths)} entries for {n} instances")
+    size = None if lengths is None else torch.as_tensor(lengths).tolist()
     groups: dict[bytes, list[int]] = {}
     rows = bits.to(torch.bool).cpu()
     keys = [bytes(r) for r in rows.to(torch.uint8).numpy()]
@@ -58,6 +72,8 @@ def plan_batches(bits: torch.Tensor, max_batch: int, plan_aware: bool = True) ->
         groups.setdefault(key, []).append(i)
     # largest group first; ties by arrival (dicts keep first-seen order and sorted() is stable)
     ordered = sorted(groups.values(), key=len, reverse=True)
+    if size is not None:  # within a group, shortest first; equal lengths in arrival order (a stable sort)
+        ordered = [sorted(members, key=size.__getitem__) for members in ordered]
     batches, rest = [], []
     for members in ordered:
         whole = len(members) - len(members) % max_batch
@@ -159,10 +175,19 @@ def concat_plans(plans: Sequence[Plan]) -> Plan:
     return Plan(plans[0].space, torch.cat([p.bits for p in plans]), torch.cat(padded))
 
 
+def kept_lengths(obs: Observation, plan: Plan) -> torch.Tensor:
+    """Per instance, the input tokens its plan keeps (all of its tokens when the plan drops none): the length
+    its rows are packed to after the first layer, and the one :func:`plan_batches` orders a group by."""
+    if plan.token_keep is None:
+        return obs.lengths.cpu()
+    keep = plan.token_keep.to(obs.attention_mask.device)
+    return ((keep & obs.attention_mask) | obs.always_keep).sum(1).cpu()
+
+
 def run_pool(
     ex: Executor, obs: Observation, plan: Plan, cost: torch.Tensor, max_batch: int, plan_aware: bool = True,
     **gen_kwargs: Any,
 ) -> Executed:
     """Execute a decided pool in batches of at most ``max_batch`` (plan-aware or FIFO); outputs in pool order."""
-    batches = plan_batches(plan.bits, max_batch, plan_aware)
+    batches = plan_batches(plan.bits, max_batch, plan_aware, kept_lengths(obs, plan))
     return merge(obs.batch_size, list(execute(ex, obs, plan, cost, batches, **gen_kwargs)), plan)

@@ -221,7 +221,7 @@ class GenerateConfig:
     max_new_tokens: Optional[int] = None  # default: the run's
     num_beams: Optional[int] = None  # default: the run's
     batch_size: int = 16
-    plan_aware: bool = True  # batch inputs whose plans agree (rlskip.batching); false: consecutive batches
+    plan_aware: bool = True  # batch inputs whose plans agree, by length within a plan (rlskip.batching); false: consecutive batches
 
 
 @dataclass
@@ -258,7 +258,7 @@ class ServeConfig:
     max_batch: int = 16  # most rows per runtime call
     max_wait_ms: float = 10.0  # work starts once the oldest request has waited this long, or enough rows wait
     max_pool: int = 64  # most waiting rows decided together, then cut into batches (plan-aware: enough rows)
-    plan_aware: bool = True  # batches of agreeing plans (rlskip.batching); false: consecutive batches
+    plan_aware: bool = True  # batches of agreeing plans, by length within a plan (rlskip.batching); false: consecutive batches
     full_model: bool = False  # serve the unmodified model (every plan all ones, no policy): a reference
     max_items: int = 64  # texts per request
     max_chars: int = 20000  # characters per text

@@ -6,7 +6,8 @@ the full model at the same lengths) and measured wall-clock ratio at batch 1 and
 (:func:`rlskip.evaluation.latency_ratio`: warm-up excluded, alternating repeats, medians). Batched latency is
 reported twice: with plan-aware batching (``latency_ratio_batched``: plans decided per pool, batches of
 agreeing plans, :mod:`rlskip.batching`, as inference and serving run) and with FIFO batches
-(``latency_ratio_batched_fifo``); the full model runs in FIFO batches in both. Methods:
+(``latency_ratio_batched_fifo``); the full model is batched the same way in each (plan-aware: its pools cut
+by the same rule, one plan, so batches of similar length), so the ratio holds what the plans save. Methods:
 
 - ``full``: the unmodified model (ratios 1 by definition);
 - ``policy``: the learned policy's deterministic decisions; ``policy@b=<budget>`` for each budget when the

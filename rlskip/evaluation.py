@@ -160,10 +160,12 @@ def latency_ratio(
     """Measured wall-clock of ``method`` over the full model on the same instances (observation and decisions
     included). Warm-up excluded.
 
-    The full model runs in consecutive batches of ``batch_size`` (FIFO). So does ``method``, unless
-    ``plan_aware``: then a planned method's instances (:func:`rlskip.methods.planned`) are observed and decided
-    in pools of :data:`rlskip.batching.POOL_BATCHES` batches and executed in plan-aware batches of at most
-    ``batch_size`` (:mod:`rlskip.batching`), as inference does; a method without plans (early exit) runs FIFO.
+    Both run in consecutive batches of ``batch_size`` (FIFO), unless ``plan_aware``: then a planned method's
+    instances (:func:`rlskip.methods.planned`) are observed and decided in pools of
+    :data:`rlskip.batching.POOL_BATCHES` batches and executed in plan-aware batches of at most ``batch_size``
+    (:mod:`rlskip.batching`), as inference does, and the full model's pools are cut by the same rule (one plan:
+    batches of similar lengths), so the ratio holds what the plans save and not what the length order saves;
+    a method without plans (early exit) runs FIFO against the full model's FIFO.
 
     The two alternate pool by pool (which goes first alternates with the repeats), and each pool's time is the
     median over ``repeats``; the ratio is of the sums. A slow spell of the machine (other processes, clock
@@ -178,10 +180,19 @@ def latency_ratio(
         for i in range(0, len(rows), batch_size):
             m(ex, ex.observe(rows[i : i + batch_size]))
 
-    def pooled(rows: list) -> None:
+    def pooled(rows: list, plans=None) -> None:
         obs = ex.observe(rows)
-        plan, cost = source(obs)
+        plan, cost = (plans or source)(obs)
         run_pool(ex, obs, plan, cost, batch_size, plan_aware=True)
+
+    def all_ones(obs):
+        return Plan.all_ones(ex.space, obs.batch_size), torch.zeros(obs.batch_size, dtype=torch.float64)
+
+    def reference(rows: list) -> None:
+        if source is not None:
+            pooled(rows, all_ones)
+        else:
+            fifo(full, rows)
 
     def timed(fn, *args) -> float:
         t0 = time.perf_counter()
@@ -194,7 +205,7 @@ def latency_ratio(
         else:
             fifo(method, rows)
 
-    fifo(full, pools[0])  # warm-up, both sides
+    reference(pools[0])  # warm-up, both sides
     run(pools[0])
     t_full: list[list[float]] = [[] for _ in pools]
     t_method: list[list[float]] = [[] for _ in pools]
@@ -202,9 +213,9 @@ def latency_ratio(
         for i, rows in enumerate(pools):
             if r % 2:
                 t_method[i].append(timed(run, rows))
-                t_full[i].append(timed(fifo, full, rows))
+                t_full[i].append(timed(reference, rows))
             else:
-                t_full[i].append(timed(fifo, full, rows))
+                t_full[i].append(timed(reference, rows))
                 t_method[i].append(timed(run, rows))
     return sum(map(statistics.median, t_method)) / sum(map(statistics.median, t_full))
 

@@ -32,9 +32,11 @@ waited ``max_wait_ms`` or enough rows wait (``max_pool`` with plan-aware batchin
 often the larger the pool; else ``max_batch``), then takes every waiting request up to ``max_pool`` rows;
 requests with the same generation settings and budget form one pool (requests with different settings never
 share a runtime call), which is observed and decided at once and cut into batches of at most ``max_batch``
-rows whose plans agree (:mod:`rlskip.batching`; ``plan_aware=false``: consecutive batches). A request is
-answered as soon as the batches holding its texts are done. ``full_model=true`` serves the unmodified model
-(all-ones plans, no policy), the reference a policy's throughput is compared with.
+rows whose plans agree, each of similar input lengths (:mod:`rlskip.batching`; ``plan_aware=false``:
+consecutive batches). A request is answered as soon as the batches holding its texts are done.
+``full_model=true`` serves the unmodified model (all-ones plans, no policy), the reference a policy's
+throughput is compared with; with ``plan_aware=true`` its pools are cut by the same rule (one plan: batches of
+similar lengths).
 
 SIGTERM or SIGINT: no new connections; requests in flight are answered, the batcher finishes its queue, and
 the process exits with status 0. Configuration and loading errors: one line ``error: ...`` on stderr, exit 2.
@@ -237,7 +239,7 @@ class Batcher:
             if not self._queue:
                 return []
             deadline = self._queue[0].arrival + cfg.max_wait_ms / 1000.0
-            fill = cfg.max_pool if cfg.plan_aware and not cfg.full_model else cfg.max_batch
+            fill = cfg.max_pool if cfg.plan_aware else cfg.max_batch
             while self._rows < fill and not self._closing and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
             jobs, rows = [], 0
@@ -265,7 +267,7 @@ class Batcher:
         """Observe, decide and execute one pool of requests that share their settings."""
         import torch
 
-        from rlskip.batching import execute, plan_batches
+        from rlskip.batching import execute, kept_lengths, plan_batches
         from rlskip.plan import Plan
 
         m, cfg, metrics = self.model, self.cfg, self.metrics
@@ -276,8 +278,9 @@ class Batcher:
         else:
             plan, cost = m.source(jobs[0].budget)(obs)
         label = "text" if m.kind == "generation" else "label"
+        batches = plan_batches(plan.bits, cfg.max_batch, cfg.plan_aware, kept_lengths(obs, plan))
         start = time.perf_counter()
-        for index, out in execute(m.executor, obs, plan, cost, plan_batches(plan.bits, cfg.max_batch, cfg.plan_aware), **jobs[0].gen):
+        for index, out in execute(m.executor, obs, plan, cost, batches, **jobs[0].gen):
             metrics.batch_seconds.observe(time.perf_counter() - start)
             metrics.batches.inc()
             metrics.batch_rows.observe(len(index))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlskip.batching import concat_plans, fifo_batches, merge, plan_batches, take
+from rlskip.batching import concat_plans, fifo_batches, kept_lengths, merge, plan_batches, take
 from rlskip.execute import Executed
 from rlskip.plan import Plan
 from rlskip.runtime.base import Observation
@@ -56,6 +56,34 @@ def test_identical_plans_are_batched_together_and_fifo_is_consecutive():
     assert plan_batches(bits, 4, plan_aware=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     with pytest.raises(ValueError, match="max_batch"):
         plan_batches(bits, 0)
+
+
+def test_with_lengths_each_group_is_cut_shortest_first_and_the_partition_is_kept():
+    ids = [0, 1, 0, 2, 1, 0, 1, 0, 2, 0, 1, 0]  # as above: plan 0 has rows 0 2 5 7 9 11, plan 1 rows 1 4 6 10
+    lengths = [9, 3, 4, 8, 7, 12, 5, 2, 1, 6, 3, 30]
+    batches = plan_batches(_bits(ids), 4, lengths=lengths)
+    assert batches[0] == [7, 2, 9, 0]  # plan 0's four shortest (2, 4, 6, 9 tokens)
+    assert batches[1] == [1, 10, 6, 4]  # plan 1, shortest first; equal lengths (1 and 10: 3) in arrival order
+    assert batches[2] == [5, 11, 8, 3]  # plan 0's two longest, then plan 2's rows, shortest first
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    # the full model's pool (one plan) becomes batches of similar lengths
+    ones = torch.ones(12, SPACE.n_bits, dtype=torch.bool)
+    cut = plan_batches(ones, 4, lengths=torch.tensor(lengths))
+    assert [[lengths[i] for i in b] for b in cut] == [[1, 2, 3, 3], [4, 5, 6, 7], [8, 9, 12, 30]]
+    assert plan_batches(ones, 4, plan_aware=False, lengths=lengths) == fifo_batches(12, 4)
+    with pytest.raises(ValueError, match="lengths has 3 entries for 12 instances"):
+        plan_batches(ones, 4, lengths=[1, 2, 3])
+
+
+def test_kept_lengths_count_the_tokens_a_plan_keeps():
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    always = torch.zeros(3, 5, dtype=torch.bool)
+    always[:, 0] = True  # e.g. a special token no plan may drop
+    obs = Observation(torch.randn(3, 5, 4), mask, torch.arange(15).view(3, 5), always, torch.arange(5).expand(3, 5))
+    bits = torch.ones(3, SPACE.n_bits, dtype=torch.bool)
+    assert kept_lengths(obs, Plan(SPACE, bits)).tolist() == [4, 2, 5]
+    keep = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)  # padding says nothing
+    assert kept_lengths(obs, Plan(SPACE, bits, keep)).tolist() == [3, 1, 3]
 
 
 def test_leftovers_are_chained_by_plan_similarity():
