@@ -178,10 +178,8 @@ def concat_plans(plans: Sequence[Plan]) -> Plan:
 def kept_lengths(obs: Observation, plan: Plan) -> torch.Tensor:
     """Per instance, the input tokens its plan keeps (all of its tokens when the plan drops none): the length
     its rows are packed to after the first layer, and the one :func:`plan_batches` orders a group by."""
-    if plan.token_keep is None:
-        return obs.lengths.cpu()
-    keep = plan.token_keep.to(obs.attention_mask.device)
-    return ((keep & obs.attention_mask) | obs.always_keep).sum(1).cpu()
+    keep = obs.keep_mask(plan.token_keep)
+    return (obs.lengths if keep is None else keep.sum(1)).cpu()
 
 
 def run_pool(

@@ -180,17 +180,14 @@ def latency_ratio(
         for i in range(0, len(rows), batch_size):
             m(ex, ex.observe(rows[i : i + batch_size]))
 
-    def pooled(rows: list, plans=None) -> None:
+    def pooled(rows: list, plans) -> None:
         obs = ex.observe(rows)
-        plan, cost = (plans or source)(obs)
+        plan, cost = plans(obs)
         run_pool(ex, obs, plan, cost, batch_size, plan_aware=True)
-
-    def all_ones(obs):
-        return Plan.all_ones(ex.space, obs.batch_size), torch.zeros(obs.batch_size, dtype=torch.float64)
 
     def reference(rows: list) -> None:
         if source is not None:
-            pooled(rows, all_ones)
+            pooled(rows, full.source)
         else:
             fifo(full, rows)
 
@@ -201,7 +198,7 @@ def latency_ratio(
 
     def run(rows: list) -> None:
         if source is not None:
-            pooled(rows)
+            pooled(rows, source)
         else:
             fifo(method, rows)
 

@@ -80,6 +80,13 @@ class Observation:
         m = self.attention_mask.unsqueeze(-1).to(self.hidden.dtype)
         return (self.hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
+    def keep_mask(self, token_keep: torch.Tensor | None) -> torch.Tensor | None:
+        """``[batch, len]`` the input tokens that survive a plan's token keep-mask (None when it has none): the
+        mask on real tokens, plus every token no plan may drop."""
+        if token_keep is None:
+            return None
+        return (token_keep.to(self.attention_mask.device) & self.attention_mask) | self.always_keep
+
     def rows(self, index: torch.Tensor | list[int]) -> "Observation":
         """The observation of a subset of instances, in the given order (padding columns kept)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.hidden.device)
@@ -319,6 +326,4 @@ class Runtime(ABC):
     def keep_mask(self, obs: Observation, plan: Plan) -> torch.Tensor | None:
         """``[batch, len]`` the input tokens that survive the plan (None when it drops none): the plan's keep
         mask on real tokens, plus every token no plan may drop."""
-        if plan.token_keep is None:
-            return None
-        return (plan.token_keep.to(obs.attention_mask.device) & obs.attention_mask) | obs.always_keep
+        return obs.keep_mask(plan.token_keep)
