@@ -11,15 +11,16 @@ that agree. The rule (:func:`plan_batches`):
    each keeps (:func:`kept_lengths`), shortest first;
 2. each group fills as many whole batches of ``max_batch`` rows as it can, largest group first;
 3. the instances left over (each group's remainder) are chained by plan similarity (greedy nearest neighbour
-   in Hamming distance, starting from the largest remainder) and cut into batches of ``max_batch``, so the
-   mixed batches hold near plans; the runtime executes a mixed batch exactly (row gather/scatter).
+   in Hamming distance, starting from the largest remainder), ordered by kept length (equal lengths keep the
+   chain's order) and cut into batches of ``max_batch``; the runtime executes a mixed batch exactly (row
+   gather/scatter).
 
 Plans are never merged: every instance is executed under its own plan, so plan-aware and FIFO batching give
 the same outputs (each instance's, as it gets alone; the runtime contract), its executed FLOPs are counted as
 executed, and results come back in the pool's order. The number of batches is ``ceil(n / max_batch)`` either
 way. ``plan_aware=False`` gives FIFO batches (consecutive chunks), for comparison.
 
-The length order (step 1) is for the padding a batch pays: its rows are padded to the longest input it holds,
+The length order (steps 1 and 3) is for the padding a batch pays: its rows are padded to the longest input it holds,
 and a generated batch decodes until its longest output is done (input and output lengths often go together).
 It helps the full model as much: a pool of all-ones plans is one group, cut into batches of similar length.
 Comparisons of a policy's batches with the full model's therefore give the full model the same rule
@@ -82,6 +83,8 @@ def plan_batches(
             rest.append(members[whole:])
     chain = _similarity_chain(sorted(rest, key=len, reverse=True), rows)
     flat = [i for members in chain for i in members]
+    if size is not None:  # mixed batches hold several plans anyway: by length, equal lengths in chain order
+        flat.sort(key=size.__getitem__)
     return batches + [flat[i : i + max_batch] for i in range(0, len(flat), max_batch)]
 
 

@@ -64,7 +64,7 @@ def test_with_lengths_each_group_is_cut_shortest_first_and_the_partition_is_kept
     batches = plan_batches(_bits(ids), 4, lengths=lengths)
     assert batches[0] == [7, 2, 9, 0]  # plan 0's four shortest (2, 4, 6, 9 tokens)
     assert batches[1] == [1, 10, 6, 4]  # plan 1, shortest first; equal lengths (1 and 10: 3) in arrival order
-    assert batches[2] == [5, 11, 8, 3]  # plan 0's two longest, then plan 2's rows, shortest first
+    assert batches[2] == [8, 3, 5, 11]  # the leftovers (plan 0's two longest, plan 2's rows) by length
     assert sorted(i for b in batches for i in b) == list(range(12))
     # the full model's pool (one plan) becomes batches of similar lengths
     ones = torch.ones(12, SPACE.n_bits, dtype=torch.bool)
@@ -94,6 +94,9 @@ def test_leftovers_are_chained_by_plan_similarity():
     bits = base[torch.tensor([0, 0, 1, 2, 3])]
     flat = [i for b in plan_batches(bits, 16) for i in b]
     assert flat == [0, 1, 3, 4, 2]  # plan 0 (largest), then its nearest (2), then 3, then 1
+    # by length first, and inputs of equal length stay in the chain's order
+    assert [i for b in plan_batches(bits, 16, lengths=[5] * 5) for i in b] == flat
+    assert [i for b in plan_batches(bits, 16, lengths=[5, 5, 1, 5, 9]) for i in b] == [2, 0, 1, 3, 4]
 
 
 def test_merge_restores_pool_order_and_take_cuts_padding():
