@@ -14,7 +14,8 @@ copies). What differs from the Hugging Face forward:
   original positions (the positional embedding was added before dropping).
 - **Decoding.** :class:`_BartDecoder` feeds the shared search (:mod:`rlskip.runtime.search`) with a
   row-compact KV cache per decoder layer (:mod:`rlskip.runtime.cache`) and cross-attention keys/values
-  projected once per instance for the rows that execute it, shared by its beams.
+  projected once per instance for the rows that execute it, shared by its beams (the set-up it shares with
+  T5 is in :mod:`rlskip.runtime.seq2seq`).
 - :class:`_BartExitStack` exposes the decoder one layer at a time for the confident-early-exit baseline
   (:mod:`rlskip.methods`).
 """
@@ -29,8 +30,8 @@ from rlskip import flops as fl
 from rlskip.plan import Plan
 from rlskip.runtime import register_runtime
 from rlskip.runtime.base import ClassifyOutput, ModelDims, Observation, Runtime
-from rlskip.runtime.cache import KVCache
 from rlskip.runtime.rows import key_mask, on_rows, pack_tokens, pick, repeat_rows, row_sets, merge_heads as _merge, split_heads as _heads
+from rlskip.runtime.seq2seq import CrossDecoder, CrossExitStack, teacher_forced
 from rlskip.space import SkipSpace
 
 
@@ -188,16 +189,7 @@ class BartRuntime(Runtime):
         self.check_plan(obs, plan)
         if self.head != "lm":
             raise ValueError("this runtime wraps a sequence classifier: use classify(), not forward()")
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("forward() needs labels or decoder_input_ids")
-            decoder_input_ids = self._shift_right(labels)
-        memory, mem_mask = self._encode(obs, plan)
-        logits = self._lm_logits(self._decode_parallel(decoder_input_ids, memory, mem_mask, plan))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return teacher_forced(self, obs, plan, labels, decoder_input_ids)
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -268,35 +260,12 @@ class BartRuntime(Runtime):
         return _BartExitStack(self, obs, memory, mem_mask, capacity)
 
 
-class _BartDecoder:
-    """Incremental decoder for :mod:`rlskip.runtime.search`: one position per call, per-row KV caches.
-
-    Rows are ``batch * beams`` (beams of an instance adjacent). For each decoder layer the self-attention
-    cache holds only the rows that execute it, and the cross-attention keys/values are projected once per
-    instance for the rows that execute it, then shared by its beams.
-    """
+class _BartDecoder(CrossDecoder):
+    """Incremental decoder for :mod:`rlskip.runtime.search` (:class:`~rlskip.runtime.seq2seq.CrossDecoder`)."""
 
     def __init__(self, rt: BartRuntime, memory, mem_mask, bits: torch.Tensor, beams: int, capacity: int, start) -> None:
-        self.rt, self.start, self.t = rt, start, 0
-        row_bits = repeat_rows(bits.to(memory.device), beams)
-        n_rows = row_bits.shape[0]
-        self.rows = row_sets(row_bits)
-        inst_rows = row_sets(bits.to(memory.device))
-        nh, hd = rt.dec_attn.heads, rt.dec_attn.head_dim
-        self.caches: list[KVCache | None] = []
-        self.cross: list[tuple | None] = []
-        for layer, (bs, bc, _) in zip(rt.decoder_stack.layers, rt._dec_bits):
-            r = self.rows[bs]
-            self.caches.append(None if r is not None and r.numel() == 0 else KVCache(r, n_rows, nh, hd, capacity, memory))
-            r = inst_rows[bc]
-            if r is not None and r.numel() == 0:
-                self.cross.append(None)
-                continue
-            k, v = rt._kv(layer.encoder_attn, pick(memory, r))
-            self.cross.append((repeat_rows(k, beams), repeat_rows(v, beams), repeat_rows(key_mask(pick(mem_mask, r)), beams)))
-
-    def prefill(self) -> torch.Tensor:
-        return self.step(self.start)
+        layers = rt.decoder_stack.layers
+        super().__init__(rt, layers, lambda layer: layer.encoder_attn, rt.dec_attn, memory, mem_mask, bits, beams, capacity, start)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rt = self.rt
@@ -313,51 +282,19 @@ class _BartDecoder:
             h = on_rows(h, self.rows[bs], self_attn)
             h = on_rows(h, self.rows[bc], cross_attn)
             h = on_rows(h, self.rows[bf], lambda x, layer=layer: rt._ffn(layer, x))
-        for cache in self.caches:
-            if cache is not None:
-                cache.advance()
-        self.t += 1
+        self.advance()
         return rt._lm_logits(h[:, 0])
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        for cache in self.caches:
-            if cache is not None:
-                cache.reorder(beam_idx)
 
-
-class _BartExitStack:
-    """The full decoder one layer at a time (all rows, one cache per layer), for confident early exit.
-
-    ``layer(i, x, rows)`` runs decoder layer ``i`` at the current position for the given rows (their states
-    ``x``) and caches their self-attention keys/values; ``fill(i, x, rows)`` only caches keys/values projected
-    from ``x`` (rows that exited earlier and copy their state forward); ``logits(x)`` is the LM head.
-    """
+class _BartExitStack(CrossExitStack):
+    """The full decoder one layer at a time for confident early exit (:class:`~rlskip.runtime.seq2seq.CrossExitStack`)."""
 
     def __init__(self, rt: BartRuntime, obs: Observation, memory, mem_mask, capacity: int) -> None:
-        self.rt, self.t, self.vocab = rt, 0, rt.dims.vocab
-        self.n_layers = len(rt.decoder_stack.layers)
-        rows, a = memory.shape[0], rt.dec_attn
-        self.caches = [KVCache(None, rows, a.heads, a.head_dim, capacity, memory) for _ in range(self.n_layers)]
-        self.cross = [(*rt._kv(layer.encoder_attn, memory), key_mask(mem_mask)) for layer in rt.decoder_stack.layers]
-        self.start = rt.prompt(obs)[:, 0]
-        self.mem_len = mem_mask.sum(1).cpu().to(torch.float64)
         c = rt.config
-        # FLOPs outside the decoding steps: the encoder and every layer's cross-attention memory projection
-        fixed, per = rt.flops_table(obs.lengths, obs.lengths, torch.zeros(rows), 1)
-        enc = [j for j, cand in enumerate(rt.space.skippable) if cand.kind in ("enc_attn", "enc_ffn")]
-        self.fixed_flops = fixed + per[:, enc].sum(1) + self.n_layers * fl.kv_projection(a, self.mem_len)
-        self.kv_flops = float(fl.kv_projection(a, 1))
-        self.head_flops = float(fl.lm_head(1, c.d_model, c.vocab_size))
-        self._layer_base = fl.attention(a, 1, 0, 1) + fl.mlp(1, c.d_model, c.decoder_ffn_dim) + fl.attention(a, 1, 0, 0)
-
-    def prefill_logits(self) -> None:
-        """An encoder-decoder has no prompt to run: decoding starts by stepping ``start``."""
-        return None
-
-    def layer_flops(self, rows: torch.Tensor) -> torch.Tensor:
-        """FLOPs of one full decoder layer at the current position for each of ``rows``."""
-        inner = self.rt.dec_attn.heads * self.rt.dec_attn.head_dim
-        return self._layer_base + 4 * inner * ((self.t + 1) + self.mem_len[rows.cpu()])
+        super().__init__(
+            rt, rt.decoder_stack.layers, lambda layer: layer.encoder_attn, rt.dec_attn,
+            fl.mlp(1, c.d_model, c.decoder_ffn_dim), obs, memory, mem_mask, capacity,
+        )
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.rt._dec_embed(tokens[:, None], self.t)
@@ -376,8 +313,3 @@ class _BartExitStack:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.rt._lm_logits(x[:, 0])
-
-    def advance(self) -> None:
-        for cache in self.caches:
-            cache.advance()
-        self.t += 1

@@ -6,7 +6,8 @@ there. A :class:`KVCache` is preallocated for the whole generation (``capacity``
 rows listed at construction, compact and in row order. Prompt (or memory) keys are written once by
 :meth:`prefill`, possibly with padding (a per-row key mask then marks the valid columns); each decoding step
 writes one column with :meth:`write`, reads the keys up to it with :meth:`view`, and moves on with
-:meth:`advance`. :meth:`reorder` follows beam search.
+:meth:`advance`. :meth:`reorder` follows beam search. :class:`CachedDecoder` is the base of the families'
+incremental decoders: one cache per layer, advanced and reordered together.
 """
 
 from __future__ import annotations
@@ -85,3 +86,24 @@ class KVCache:
         self.v[:, :, :t] = self.v[src, :, :t]
         if self.mask is not None:
             self.mask[:, :t] = self.mask[src, :t]
+
+
+class CachedDecoder:
+    """Base of a family's incremental decoder: ``caches`` (one per layer, None for a layer no row runs) and the
+    number ``t`` of positions decoded; a step ends with :meth:`advance`."""
+
+    caches: list[KVCache | None]
+    t: int
+
+    def advance(self) -> None:
+        """Close the current position in every cache."""
+        for cache in self.caches:
+            if cache is not None:
+                cache.advance()
+        self.t += 1
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Row ``i`` continues from row ``beam_idx[i]`` in every cache (beam search)."""
+        for cache in self.caches:
+            if cache is not None:
+                cache.reorder(beam_idx)

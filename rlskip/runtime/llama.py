@@ -36,7 +36,7 @@ from rlskip import flops as fl
 from rlskip.plan import Plan
 from rlskip.runtime import register_runtime
 from rlskip.runtime.base import ClassifyOutput, ModelDims, Observation, Runtime
-from rlskip.runtime.cache import KVCache
+from rlskip.runtime.cache import CachedDecoder, KVCache
 from rlskip.runtime.rows import on_rows, pack_tokens, pick, repeat_rows, row_sets, split_heads as _heads
 from rlskip.space import SkipSpace
 
@@ -308,7 +308,7 @@ class LlamaRuntime(Runtime):
         return out
 
 
-class LlamaDecoder:
+class LlamaDecoder(CachedDecoder):
     """Incremental decoding for :mod:`rlskip.runtime.search` over ``batch * beams`` rows (beams adjacent).
 
     :meth:`prefill` runs layers 1.. over each instance's kept prompt once and copies keys, values and logits to
@@ -377,14 +377,3 @@ class LlamaDecoder:
             x = on_rows(x, rf, lambda y, i=i: rt._ffn(i, y))
         self.advance()
         return rt._lm_logits(x[:, 0])
-
-    def advance(self) -> None:
-        for cache in self.caches:
-            if cache is not None:
-                cache.advance()
-        self.t += 1
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        for cache in self.caches:
-            if cache is not None:
-                cache.reorder(beam_idx)

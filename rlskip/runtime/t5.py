@@ -17,7 +17,8 @@ copies); it follows :mod:`rlskip.runtime.bart`. What differs from BART, and from
 - **Rows, token dropping, decoding, early exit** as in BART: each sub-layer runs only on the rows whose plan
   executes it; dropped tokens are re-packed out after the first encoder layer (EOS always kept);
   :class:`_T5Decoder` feeds the shared search with row-compact KV caches and cross-attention keys/values
-  projected once per instance; :class:`_T5ExitStack` serves :class:`rlskip.methods.EarlyExit`.
+  projected once per instance; :class:`_T5ExitStack` serves :class:`rlskip.methods.EarlyExit` (both built on
+  :mod:`rlskip.runtime.seq2seq`, which BART shares).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rlskip.runtime import register_runtime
 from rlskip.runtime.base import ClassifyOutput, ModelDims, Observation, Runtime
 from rlskip.runtime.cache import KVCache
 from rlskip.runtime.rows import key_mask, on_rows, pack_tokens, pick, repeat_rows, row_sets, merge_heads as _merge, split_heads as _heads
+from rlskip.runtime.seq2seq import CrossDecoder, CrossExitStack, teacher_forced
 from rlskip.space import SkipSpace
 
 
@@ -213,16 +215,7 @@ class T5Runtime(Runtime):
         """Teacher-forced forward under the plan: ``(logits [b, t, vocab], loss or None)``; without
         ``decoder_input_ids`` the labels are shifted right as Hugging Face T5 does."""
         self.check_plan(obs, plan)
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("forward() needs labels or decoder_input_ids")
-            decoder_input_ids = self._shift_right(labels)
-        memory, mem_mask = self._encode(obs, plan)
-        logits = self._lm_logits(self._decode_parallel(decoder_input_ids, memory, mem_mask, plan))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return teacher_forced(self, obs, plan, labels, decoder_input_ids)
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         start, pad = getattr(self.config, "decoder_start_token_id", None), self.config.pad_token_id
@@ -268,36 +261,14 @@ class T5Runtime(Runtime):
         return _T5ExitStack(self, obs, memory, mem_mask, capacity)
 
 
-class _T5Decoder:
-    """Incremental decoder for :mod:`rlskip.runtime.search`: one position per call, per-row KV caches.
-
-    Rows are ``batch * beams`` (beams of an instance adjacent). For each decoder layer the self-attention
-    cache holds only the rows that execute it, and the cross-attention keys/values are projected once per
-    instance for the rows that execute it, then shared by its beams.
-    """
+class _T5Decoder(CrossDecoder):
+    """Incremental decoder for :mod:`rlskip.runtime.search` (:class:`~rlskip.runtime.seq2seq.CrossDecoder`), with
+    the decoder's causal position bias for every position it may reach."""
 
     def __init__(self, rt: T5Runtime, memory, mem_mask, bits: torch.Tensor, beams: int, capacity: int, start) -> None:
-        self.rt, self.start, self.t = rt, start, 0
-        row_bits = repeat_rows(bits.to(memory.device), beams)
-        n_rows = row_bits.shape[0]
-        self.rows = row_sets(row_bits)
-        inst_rows = row_sets(bits.to(memory.device))
+        blocks = rt.decoder_stack.block
+        super().__init__(rt, blocks, lambda b: b.layer[1].EncDecAttention, rt.attn, memory, mem_mask, bits, beams, capacity, start)
         self.bias = rt._decoder_bias(capacity, memory.device)
-        a = rt.attn
-        self.caches: list[KVCache | None] = []
-        self.cross: list[tuple | None] = []
-        for block, (bs, bc, _) in zip(rt.decoder_stack.block, rt._dec_bits):
-            r = self.rows[bs]
-            self.caches.append(None if r is not None and r.numel() == 0 else KVCache(r, n_rows, a.heads, a.head_dim, capacity, memory))
-            r = inst_rows[bc]
-            if r is not None and r.numel() == 0:
-                self.cross.append(None)
-                continue
-            k, v = rt._kv(block.layer[1].EncDecAttention, pick(memory, r))
-            self.cross.append((repeat_rows(k, beams), repeat_rows(v, beams), repeat_rows(key_mask(pick(mem_mask, r)), beams)))
-
-    def prefill(self) -> torch.Tensor:
-        return self.step(self.start)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rt = self.rt
@@ -307,54 +278,21 @@ class _T5Decoder:
             h = on_rows(h, self.rows[bs], lambda x, block=block, cache=cache: rt._cached_self_attn(block, x, cache, bias))
             h = on_rows(h, self.rows[bc], lambda x, block=block, cross=cross: rt._cross_attn(block, x, *cross))
             h = on_rows(h, self.rows[bf], lambda x, block=block: rt._ffn(block, x))
-        for cache in self.caches:
-            if cache is not None:
-                cache.advance()
-        self.t += 1
+        self.advance()
         return rt._lm_logits(rt._dropout(rt.decoder_stack.final_layer_norm(h[:, 0])))
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        for cache in self.caches:
-            if cache is not None:
-                cache.reorder(beam_idx)
 
-
-class _T5ExitStack:
-    """The full decoder one layer at a time (all rows, one cache per layer), for confident early exit.
-
-    ``layer(i, x, rows)`` runs decoder layer ``i`` at the current position for the given rows (their states
-    ``x``) and caches their self-attention keys/values; ``fill(i, x, rows)`` only caches keys/values projected
-    from ``x`` (rows that exited earlier and copy their state forward); ``logits(x)`` is the final norm and the
-    (scaled) LM head, so an intermediate state is read as the last layer's output would be.
-    """
+class _T5ExitStack(CrossExitStack):
+    """The full decoder one layer at a time for confident early exit (:class:`~rlskip.runtime.seq2seq.CrossExitStack`);
+    ``logits(x)`` is the final norm and the (scaled) LM head, so an intermediate state is read as the last
+    layer's output would be."""
 
     def __init__(self, rt: T5Runtime, obs: Observation, memory, mem_mask, capacity: int) -> None:
-        self.rt, self.t, self.vocab = rt, 0, rt.dims.vocab
-        blocks = rt.decoder_stack.block
-        self.n_layers = len(blocks)
-        rows, a = memory.shape[0], rt.attn
-        self.caches = [KVCache(None, rows, a.heads, a.head_dim, capacity, memory) for _ in blocks]
-        self.cross = [(*rt._kv(b.layer[1].EncDecAttention, memory), key_mask(mem_mask)) for b in blocks]
+        super().__init__(
+            rt, rt.decoder_stack.block, lambda b: b.layer[1].EncDecAttention, rt.attn, rt._mlp_flops(1), obs, memory,
+            mem_mask, capacity,
+        )
         self.bias = rt._decoder_bias(capacity, memory.device)
-        self.start = rt.prompt(obs)[:, 0]
-        self.mem_len = mem_mask.sum(1).cpu().to(torch.float64)
-        c = rt.config
-        # FLOPs outside the decoding steps: the encoder and every layer's cross-attention memory projection
-        fixed, per = rt.flops_table(obs.lengths, obs.lengths, torch.zeros(rows), 1)
-        enc = [j for j, cand in enumerate(rt.space.skippable) if cand.kind in ("enc_attn", "enc_ffn")]
-        self.fixed_flops = fixed + per[:, enc].sum(1) + self.n_layers * fl.kv_projection(a, self.mem_len)
-        self.kv_flops = float(fl.kv_projection(a, 1))
-        self.head_flops = float(fl.lm_head(1, c.d_model, c.vocab_size))
-        self._layer_base = fl.attention(a, 1, 0, 1) + rt._mlp_flops(1) + fl.attention(a, 1, 0, 0)
-
-    def prefill_logits(self) -> None:
-        """An encoder-decoder has no prompt to run: decoding starts by stepping ``start``."""
-        return None
-
-    def layer_flops(self, rows: torch.Tensor) -> torch.Tensor:
-        """FLOPs of one full decoder layer at the current position for each of ``rows``."""
-        inner = self.rt.attn.heads * self.rt.attn.head_dim
-        return self._layer_base + 4 * inner * ((self.t + 1) + self.mem_len[rows.cpu()])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.rt._dropout(self.rt.decoder_stack.embed_tokens(tokens[:, None]))
@@ -372,8 +310,3 @@ class _T5ExitStack:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.rt._lm_logits(self.rt.decoder_stack.final_layer_norm(x[:, 0]))
-
-    def advance(self) -> None:
-        for cache in self.caches:
-            cache.advance()
-        self.t += 1
