@@ -17,6 +17,9 @@ by the same rule, one plan, so batches of similar length), so the ratio holds wh
 - ``static@<point>``: the best static plan with no more FLOPs than the policy point, found by greedy
   search on training instances (:func:`rlskip.evaluation.greedy_static_search`, or the run's
   ``eval.static_search=influence``: ShortGPT's block-influence order, :func:`rlskip.evaluation.influence_static_path`);
+- ``modal@<point>``: the policy point's most frequent plan on those training instances, given to every instance
+  (:func:`rlskip.evaluation.modal_plan`; not when the policy drops tokens): what choosing per input adds over
+  deploying one plan, which the greedy search can miss;
 - ``random@<point>``: per-instance random plans whose keep probability is calibrated so the mean FLOPs
   ratio matches the policy point's (a linear guess from the all-skip floor, then up to two secant steps);
 - ``lead@<point>`` (when the policy drops input tokens): every sub-layer kept and only the first fraction of
@@ -105,7 +108,7 @@ def evaluate(args: DictConfig) -> dict:
     from rlskip.envs.data import build_task, load_examples, with_task_defaults
     from rlskip.execute import Executor
     from rlskip.evaluation import (
-        EvalData, calibrate_keep_prob, latency_ratio, lead_fraction, run_method, static_at, static_search_path,
+        EvalData, calibrate_keep_prob, latency_ratio, lead_fraction, modal_plan, run_method, static_at, static_search_path,
     )
     from rlskip.checkpoint import load_checkpoint, verify_backbone
     from rlskip.inference import load
@@ -196,6 +199,12 @@ def evaluate(args: DictConfig) -> dict:
             equal, _ = static_at(path, pr.flops_ratio)
             skipped = [space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()]
             out.append(row(f"static@{label or 'policy'}", "static", planned(static_plan(space, equal["bits"])), pr.flops_ratio, skipped=skipped))
+        for (label, b), pr in zip(points, policy_rows):
+            found = modal_plan(ex, search, sm.source(b))
+            if found is not None:
+                bits, share = found
+                skipped = [space.name(j) for j in (~bits).nonzero().flatten().tolist()]
+                out.append(row(f"modal@{label or 'policy'}", "modal", planned(static_plan(space, bits)), skipped=skipped, share=share))
         return out
 
     def random_rows():

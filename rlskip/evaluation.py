@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -261,6 +261,25 @@ def reported_metrics(task, data: "EvalData", result: MethodResult) -> dict[str, 
 
 
 # ---- the summary of a training run ---------------------------------------------------------------------
+def modal_plan(ex: Executor, data: EvalData, source, batch_size: int = 64) -> tuple[torch.Tensor, float] | None:
+    """The sub-layer plan ``source`` decides most often on ``data`` and the share of instances that get it: is
+    the per-input choice worth more than deploying its most common plan to everyone? None when some plan drops
+    input tokens (the plans are then not one static plan)."""
+    counts: Counter = Counter()
+    n = 0
+    for _, rows in data.batches(batch_size):
+        obs = ex.observe(rows)
+        plan, _ = source(obs)
+        if plan.token_keep is not None and bool((obs.attention_mask.cpu() & ~plan.token_keep.cpu()).any()):
+            return None
+        counts.update(tuple(r) for r in plan.bits.tolist())
+        n += plan.bits.shape[0]
+    if n == 0:
+        return None
+    bits, count = counts.most_common(1)[0]
+    return torch.tensor(bits, dtype=torch.bool), count / n
+
+
 def static_search_path(ex: Executor, task, data: EvalData, min_flops_ratio: float, how: str = "greedy") -> list[dict]:
     """The static pruning path the config's ``eval.static_search`` names: ``greedy`` (:func:`greedy_static_search`)
     or ``influence`` (:func:`influence_static_path`)."""
@@ -278,6 +297,10 @@ def final_evaluation(
     (``latency_ratio``) and FIFO batches (``latency_ratio_fifo``), and at batch 1; the policy's and the static
     plan's fidelity to the full model's own outputs, and every metric the task reports for the three.
 
+    Also the policy's most frequent plan on ``search_data`` given to every held-out instance (``modal_plan_*``,
+    :func:`modal_plan`; not when the policy drops tokens): what the per-input choice adds over one static plan.
+    The static search is greedy and can miss that plan.
+
     When the policy drops input tokens, also the lead of each input at equal FLOPs (``lead_*``: every sub-layer
     kept, the first fraction of the droppable tokens, the fraction matched to the policy's FLOPs on
     ``search_data``)."""
@@ -293,6 +316,15 @@ def final_evaluation(
     def measured(*args, **kwargs) -> float | None:
         return latency_ratio(*args, **kwargs) if main else None
 
+    modal = {}
+    found = modal_plan(ex, search_data, policy_method.source) if hasattr(policy_method, "source") else None
+    if found is not None:
+        bits, share = found
+        r = run_method(ex, task, eval_data, planned(static_plan(ex.space, bits)))
+        modal = {
+            "modal_plan_quality": r.quality, "modal_plan_flops_ratio": r.flops_ratio, "modal_plan_share": share,
+            "modal_plan_skipped": [ex.space.name(j) for j in (~bits).nonzero().flatten().tolist()],
+        }
     lead = {}
     if ex.space.token_dropping and pol.input_kept_ratio is not None and pol.input_kept_ratio < 1.0:
         q = lead_fraction(ex, task, search_data, pol.flops_ratio)
@@ -315,5 +347,6 @@ def final_evaluation(
         "static_fidelity": fidelity(task, static.predictions, full.predictions),
         "metrics": {name: reported_metrics(task, eval_data, r) for name, r in (("full", full), ("policy", pol), ("static", static))},
         "input_kept_ratio": pol.input_kept_ratio,
+        **modal,
         **lead,
     }

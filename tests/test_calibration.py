@@ -204,3 +204,39 @@ def test_plan_runner_observes_once_and_runs_each_distinct_set_of_plans_once(tiny
     assert rows_run == [1]  # only that row: the other rows' plans (all ones) ran before
     fresh = PlanRunner(ex, Task(), data, batch_size=2)(one_row_skips)
     assert mixed.per_item == fresh.per_item and mixed.per_item_flops_ratio == fresh.per_item_flops_ratio
+
+
+def test_modal_plan_is_the_most_frequent_plan_and_its_share(tiny_bart, bart_tokenizer):
+    from rlskip.encoding import Encoder
+    from rlskip.evaluation import EvalData, modal_plan
+    from rlskip.execute import Executor
+    from rlskip.plan import Plan
+    from rlskip.runtime import get_runtime
+
+    import torch
+
+    ex = Executor(get_runtime(tiny_bart), Encoder(bart_tokenizer, 32), "generation", {"max_new_tokens": 4})
+    data = EvalData.encode(ex, ["one", "two inputs", "three", "four", "the fifth input"])
+    n = ex.space.n_bits
+    a, b = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    a[0], b[1] = False, False
+    seen = []
+
+    def source(obs):  # plan b for every third instance overall, plan a for the others
+        rows = torch.arange(len(seen), len(seen) + obs.batch_size)
+        seen.extend(rows.tolist())
+        bits = torch.where((rows % 3 == 2)[:, None], b, a)
+        return Plan(ex.space, bits), torch.zeros(obs.batch_size)
+
+    bits, share = modal_plan(ex, data, source, batch_size=2)  # batches of 2, 2 and 1: a modal count over all of them
+    assert torch.equal(bits, a) and share == pytest.approx(4 / 5) and len(seen) == 5
+
+    def drops_a_token(obs):
+        keep = obs.attention_mask.clone()
+        keep[0, 1] = False  # a real token of the first instance (BOS is at 0)
+        return Plan(ex.space, torch.ones(obs.batch_size, n, dtype=torch.bool), keep), torch.zeros(obs.batch_size)
+
+    assert modal_plan(ex, data, drops_a_token) is None
+    keep_all = lambda obs: (Plan(ex.space, torch.ones(obs.batch_size, n, dtype=torch.bool), obs.attention_mask.clone()), torch.zeros(obs.batch_size))  # noqa: E731
+    bits, share = modal_plan(ex, data, keep_all)  # a keep-mask that keeps every token is still one static plan
+    assert bool(bits.all()) and share == 1.0

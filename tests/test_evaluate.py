@@ -30,7 +30,10 @@ def test_evaluate_writes_every_method_csv_and_a_png_that_opens(run_dir, tmp_path
     assert evaluate_main([f"ckpt={run_dir}", "name=last", f"out={out}", "thresholds=[0,0.8,2]"] + SMALL) == 0
     result = json.loads((out / "eval.json").read_text())
     methods = {m["method"]: m for m in result["methods"]}
-    want = {"full", "policy", "layerdrop", "static@policy", "random@policy", "early_exit@0", "early_exit@0.8", "early_exit@2"}
+    want = {
+        "full", "policy", "layerdrop", "static@policy", "modal@policy", "random@policy", "early_exit@0", "early_exit@0.8",
+        "early_exit@2",
+    }
     assert set(methods) == want
     for m in methods.values():
         for k in KEYS:
@@ -42,6 +45,7 @@ def test_evaluate_writes_every_method_csv_and_a_png_that_opens(run_dir, tmp_path
     assert methods["early_exit@2"]["quality"] == methods["full"]["quality"]
     assert methods["early_exit@0"]["flops_ratio"] < 1.0 < methods["early_exit@2"]["flops_ratio"]
     assert methods["static@policy"]["flops_ratio"] <= methods["policy"]["flops_ratio"] + 1e-9
+    assert 0.0 < methods["modal@policy"]["share"] <= 1.0 and methods["modal@policy"]["kind"] == "modal"
     with open(out / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == [m["method"] for m in result["methods"]]

@@ -49,6 +49,12 @@ def test_default_pipeline_writes_run_directory_and_tensorboard(tmp_path):
     assert summary["metrics"]["policy"] == {"exact_match": summary["quality"]}  # the task reports its one metric
     assert summary["metrics"]["full"] == {"exact_match": summary["quality_full"]}
     assert 0.0 <= summary["fidelity"] <= 1.0
+    # the policy's most frequent plan given to every held-out instance
+    assert isinstance(summary["modal_plan_quality"], float) and 0.0 < summary["modal_plan_share"] <= 1.0
+    assert 0.0 < summary["modal_plan_flops_ratio"] <= 1.0 + 1e-9
+    from rlskip.space import SkipSpace
+
+    assert set(summary["modal_plan_skipped"]) <= set(SkipSpace.load(run / "skip_space.json").names)
     # steady-state throughput: iterations 2-4 of 8 instances each, in less time than the whole policy phase
     assert len(summary["train_instances_per_s"]) == 2
     assert min(summary["train_instances_per_s"]) > 3 * 8 / summary["seconds"]["policy"]
