@@ -78,6 +78,6 @@ def test_evaluate_draws_the_policy_at_each_budget_beside_a_compared_policy(run, 
             "static_search_instances=4", "progress=false", "thresholds=[2]", "budgets=[0.4,0.7,1.0]"]
     assert evaluate(args + [f"compare=[{fixed}]"]) == 0
     methods = {m["method"]: m for m in json.loads((out / "eval.json").read_text())["methods"]}
-    assert {"policy@b=0.4", "policy@b=0.7", "policy@b=1", "policy:fixed", "static@b=0.7", "early_exit@2"} <= set(methods)
+    assert {"policy@b=0.4", "policy@b=0.7", "policy@b=1", "policy:fixed", "static@b=0.7", "modal@b=0.7", "early_exit@2"} <= set(methods)
     assert evaluate(args + [f"compare=[{run}]"]) == 2
     assert "budget-conditioned" in capsys.readouterr().err
