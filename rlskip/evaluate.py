@@ -197,14 +197,13 @@ def evaluate(args: DictConfig) -> dict:
         out = []
         for (label, _), pr in zip(points, policy_rows):
             equal, _ = static_at(path, pr.flops_ratio)
-            skipped = [space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()]
+            skipped = space.skipped_names(equal["bits"])
             out.append(row(f"static@{label or 'policy'}", "static", planned(static_plan(space, equal["bits"])), pr.flops_ratio, skipped=skipped))
         for (label, b), pr in zip(points, policy_rows):
             found = modal_plan(ex, search, sm.source(b))
             if found is not None:
                 bits, share = found
-                skipped = [space.name(j) for j in (~bits).nonzero().flatten().tolist()]
-                out.append(row(f"modal@{label or 'policy'}", "modal", planned(static_plan(space, bits)), skipped=skipped, share=share))
+                out.append(row(f"modal@{label or 'policy'}", "modal", planned(static_plan(space, bits)), skipped=space.skipped_names(bits), share=share))
         return out
 
     def random_rows():

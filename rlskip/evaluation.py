@@ -270,7 +270,8 @@ def modal_plan(ex: Executor, data: EvalData, source, batch_size: int = 64) -> tu
     for _, rows in data.batches(batch_size):
         obs = ex.observe(rows)
         plan, _ = source(obs)
-        if plan.token_keep is not None and bool((obs.attention_mask.cpu() & ~plan.token_keep.cpu()).any()):
+        keep = obs.keep_mask(plan.token_keep)
+        if keep is not None and not torch.equal(keep, obs.attention_mask.to(keep.dtype)):
             return None
         counts.update(tuple(r) for r in plan.bits.tolist())
         n += plan.bits.shape[0]
@@ -323,7 +324,7 @@ def final_evaluation(
         r = run_method(ex, task, eval_data, planned(static_plan(ex.space, bits)))
         modal = {
             "modal_plan_quality": r.quality, "modal_plan_flops_ratio": r.flops_ratio, "modal_plan_share": share,
-            "modal_plan_skipped": [ex.space.name(j) for j in (~bits).nonzero().flatten().tolist()],
+            "modal_plan_skipped": ex.space.skipped_names(bits),
         }
     lead = {}
     if ex.space.token_dropping and pol.input_kept_ratio is not None and pol.input_kept_ratio < 1.0:
@@ -341,7 +342,7 @@ def final_evaluation(
         "latency_ratio_b1": measured(ex, lat.head(max(8, latency_instances // 4)), policy_method, 1),
         "static_quality_at_equal_flops": static.quality, "static_flops_ratio": static.flops_ratio,
         "static_quality_next_above": static_above.quality, "static_flops_ratio_next_above": static_above.flops_ratio,
-        "static_skipped": [ex.space.name(j) for j in (~equal["bits"]).nonzero().flatten().tolist()],
+        "static_skipped": ex.space.skipped_names(equal["bits"]),
         "quality_by_group": {"full": full.by_group, "policy": pol.by_group, "static": static.by_group},
         "fidelity": fidelity(task, pol.predictions, full.predictions),
         "static_fidelity": fidelity(task, static.predictions, full.predictions),

@@ -76,4 +76,4 @@ class Plan:
 
     def skipped_names(self, row: int) -> list[str]:
         """Names of the candidates instance ``row`` skips."""
-        return [self.space.name(j) for j in (~self.bits[row]).nonzero().flatten().tolist()]
+        return self.space.skipped_names(self.bits[row])

@@ -122,6 +122,10 @@ class SkipSpace:
             raise ValueError(f"bit {bit} out of range for a SkipSpace of {self.n_bits} bits")
         return self.skippable[bit].name
 
+    def skipped_names(self, bits) -> list[str]:
+        """Names of the candidates one plan's bool tensor of sub-layer ``bits [n_bits]`` skips, in bit order."""
+        return [self.name(j) for j in (~bits).nonzero().flatten().tolist()]
+
     def bits_of_kind(self, kind: str) -> list[int]:
         """Bit indices of every skippable candidate of one kind, in layer order."""
         return [i for i, c in enumerate(self.skippable) if c.kind == kind]
