@@ -43,7 +43,7 @@ class AttentionShape:
 
 def linear(n: Length, d_in: int, d_out: int) -> Length:
     """A ``d_in -> d_out`` projection applied to ``n`` tokens."""
-    return 2 * n * d_in * d_out
+    return n * (2 * d_in * d_out)  # one operation on a length tensor, not three
 
 
 def attention(a: AttentionShape, n_q: Length, n_kv: Length, n_kv_proj: Length | None = None) -> Length:
@@ -51,13 +51,14 @@ def attention(a: AttentionShape, n_q: Length, n_kv: Length, n_kv_proj: Length | 
     ``n_kv_proj`` new tokens (default ``n_kv``; 0 when the keys come from a cache), scores and values."""
     n_kv_proj = n_kv if n_kv_proj is None else n_kv_proj
     inner, kv_inner = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    proj = linear(n_q, a.d_model, inner) + linear(n_q, inner, a.d_model) + 2 * linear(n_kv_proj, a.d_model, kv_inner)
-    return proj + 4 * n_q * n_kv * inner
+    # q and o projections of the queries, k and v of the new tokens (constants first: a length may be a tensor)
+    proj = n_q * (2 * linear(1, a.d_model, inner)) + n_kv_proj * (2 * linear(1, a.d_model, kv_inner))
+    return proj + n_q * n_kv * (4 * inner)
 
 
 def kv_projection(a: AttentionShape, n: Length) -> Length:
     """Key and value projections of ``n`` tokens (a cross-attention memory, or a cache entry)."""
-    return 2 * linear(n, a.d_model, a.kv_heads * a.head_dim)
+    return n * (2 * linear(1, a.d_model, a.kv_heads * a.head_dim))
 
 
 def cached_self_attention(a: AttentionShape, steps: Length, past: Length = 0) -> Length:
@@ -72,7 +73,7 @@ def cached_self_attention(a: AttentionShape, steps: Length, past: Length = 0) ->
 
 def mlp(n: Length, d_model: int, d_ff: int, gated: bool = False) -> Length:
     """A feed-forward block on ``n`` tokens: ``d -> f -> d``, with a second ``d -> f`` input for gated units."""
-    return (3 if gated else 2) * linear(n, d_model, d_ff)
+    return n * ((3 if gated else 2) * linear(1, d_model, d_ff))
 
 
 def lm_head(n: Length, d_model: int, vocab: int) -> Length:

@@ -94,3 +94,42 @@ def test_family_specific_input_errors():
     t5 = get_runtime(CASES["t5-v1_0-tiny"].model)
     with pytest.raises(ValueError, match="FLOPs need the number of decoding steps"):
         t5.flops(Plan.all_ones(t5.space, 1), 10)
+
+
+def test_generation_options_leave_the_model_config_alone(tiny_bart, mixed_batch):
+    """Options merged for one call never reach the model's own generation config; an option set there that the
+    runtime cannot honour is refused as one given to the call would be; a config saved by another transformers
+    version is not."""
+    rt = get_runtime(tiny_bart)
+    obs = rt.observe(mixed_batch.input_ids, mixed_batch.attention_mask)
+    plan = Plan.all_ones(rt.space, 5)
+    gc = tiny_bart.generation_config
+    before = gc.to_dict()
+    out = rt.generate(obs, plan, max_new_tokens=3, num_beams=2, length_penalty=2.0, no_repeat_ngram_size=2)
+    assert out.sequences.shape[1] <= 4
+    assert gc.to_dict() == before
+    saved_version, gc.transformers_version = gc.transformers_version, "4.40.0"
+    try:
+        rt.generate(obs, plan, max_new_tokens=2)
+        gc.typical_p = 0.5
+        with pytest.raises(ValueError, match="generation option typical_p=0.5 is not supported"):
+            rt.generate(obs, plan, max_new_tokens=2)
+    finally:
+        gc.typical_p, gc.transformers_version = None, saved_version
+
+
+def test_generate_counts_the_full_model_on_the_original_lengths(tiny_bart, mixed_batch):
+    """With tokens dropped, the executed FLOPs use the kept lengths and the full model's the original ones; with
+    none dropped the two tables are one."""
+    rt = get_runtime(tiny_bart)
+    obs = rt.observe(mixed_batch.input_ids, mixed_batch.attention_mask)
+    ones = rt.generate(obs, Plan.all_ones(rt.space, 5), max_new_tokens=3)
+    assert torch.equal(ones.flops, ones.full_flops)
+    keep = obs.attention_mask.clone()
+    keep[:, 2] = False  # the third position, where it is not a special token
+    keep |= obs.always_keep
+    assert not bool(keep.equal(obs.attention_mask))
+    dropped = rt.generate(obs, Plan(rt.space, torch.ones(5, rt.space.n_bits, dtype=torch.bool), keep), max_new_tokens=3)
+    _, full = rt.flops(Plan.all_ones(rt.space, 5), obs.lengths, steps=dropped.steps)
+    assert torch.allclose(dropped.full_flops, full)
+    assert bool((dropped.flops <= dropped.full_flops).all()) and bool((dropped.flops < dropped.full_flops).any())

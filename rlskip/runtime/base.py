@@ -266,8 +266,7 @@ class Runtime(ABC):
                 seqs, steps, margins = greedy_search(dec, prompt, s, return_margins, generator)
             else:
                 seqs, steps = beam_search(dec, prompt, s)
-        fixed, per = self.flops_table(obs.lengths, kept, steps, s.num_beams)
-        full_fixed, full_per = self.flops_table(obs.lengths, obs.lengths, steps, s.num_beams)
+        (fixed, per), (full_fixed, full_per) = self.flops_tables(obs.batch_size, obs.lengths, kept, steps, s.num_beams)
         return GenerateOutput(
             seqs, s.prompt_len, steps, plan_flops(fixed, per, plan.bits), full_fixed + full_per.sum(1), kept, margins
         )
@@ -285,7 +284,10 @@ class Runtime(ABC):
         full_len = torch.as_tensor(lengths).expand(b)
         kept = full_len if kept is None else torch.as_tensor(kept).expand(b)
         n = None if steps is None else torch.as_tensor(steps).expand(b)
-        return self.flops_table(full_len, kept, n, beams), self.flops_table(full_len, full_len, n, beams)
+        executed = self.flops_table(full_len, kept, n, beams)
+        if kept is full_len or (kept.device == full_len.device and bool((kept == full_len).all())):
+            return executed, executed  # no token dropped: one table serves both
+        return executed, self.flops_table(full_len, full_len, n, beams)
 
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The boolean attention mask of valid ``observe`` inputs; a one-line ValueError for anything else."""
