@@ -51,7 +51,8 @@ def attention(a: AttentionShape, n_q: Length, n_kv: Length, n_kv_proj: Length | 
     ``n_kv_proj`` new tokens (default ``n_kv``; 0 when the keys come from a cache), scores and values."""
     n_kv_proj = n_kv if n_kv_proj is None else n_kv_proj
     inner, kv_inner = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    # q and o projections of the queries, k and v of the new tokens (constants first: a length may be a tensor)
+    # q and o projections of the queries, k and v of the new tokens; constants are multiplied together before
+    # they meet a length, which may be a tensor
     proj = n_q * (2 * linear(1, a.d_model, inner)) + n_kv_proj * (2 * linear(1, a.d_model, kv_inner))
     return proj + n_q * n_kv * (4 * inner)
 

@@ -108,14 +108,15 @@ def test_generation_options_leave_the_model_config_alone(tiny_bart, mixed_batch)
     out = rt.generate(obs, plan, max_new_tokens=3, num_beams=2, length_penalty=2.0, no_repeat_ngram_size=2)
     assert out.sequences.shape[1] <= 4
     assert gc.to_dict() == before
-    saved_version, gc.transformers_version = gc.transformers_version, "4.40.0"
+    saved = gc.typical_p, gc.transformers_version
     try:
+        gc.transformers_version = "4.40.0"
         rt.generate(obs, plan, max_new_tokens=2)
         gc.typical_p = 0.5
         with pytest.raises(ValueError, match="generation option typical_p=0.5 is not supported"):
             rt.generate(obs, plan, max_new_tokens=2)
     finally:
-        gc.typical_p, gc.transformers_version = None, saved_version
+        gc.typical_p, gc.transformers_version = saved
 
 
 def test_generate_counts_the_full_model_on_the_original_lengths(tiny_bart, mixed_batch):
