@@ -92,7 +92,7 @@ def policy_plans(policy, space: SkipSpace, threshold: float = 0.5, budget: float
         b = None if budget is None else torch.full((obs.batch_size,), float(budget))
         with torch.no_grad():
             bits, token_keep = policy.decide(**observation_inputs(obs), budget=b, threshold=threshold)
-        cost = torch.tensor([policy.flops(int(n)) for n in obs.lengths], dtype=torch.float64)
+        cost = policy.flops(obs.lengths)
         return Plan(space, bits.cpu(), token_keep.cpu() if token_keep is not None and space.token_dropping else None), cost
 
     return source

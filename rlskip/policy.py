@@ -332,18 +332,22 @@ class SkipPolicy(nn.Module):
             token_keep |= ~token_mask
         return bits, token_keep
 
-    def flops(self, source_len: int) -> float:
+    def flops(self, source_len: int | torch.Tensor) -> float | torch.Tensor:
         """FLOPs of one decision for an instance of ``source_len`` tokens (add it to the plan's cost).
 
         The trunk, bit head and token context run once per instance; the token head once per token.
         LayerNorms (and the token features' RMS) are not counted, as in :mod:`rlskip.flops`.
 
         Args:
-            source_len: source tokens the token head reads (the full source: it runs before dropping).
+            source_len: source tokens the token head reads (the full source: it runs before dropping); a
+                tensor of lengths gives each instance's FLOPs (float64) in one call.
         """
+        if torch.is_tensor(source_len):  # float64: counts stay exact integers
+            source_len = source_len.to("cpu", torch.float64)
         per_row = mlp_flops(self.trunk) + (mlp_flops(self.bit_out) if self.bit_head else 0.0)
-        if not self.token_head:
-            return per_row
-        per_row += mlp_flops(self.token_ctx)
-        per_token = [self.token_in, self.token_out] + ([self.token_lead] if self.token_lead is not None else [])
-        return per_row + sum(mlp_flops(m, tokens_per_row=source_len) for m in per_token)
+        per_token = 0.0
+        if self.token_head:
+            per_row += mlp_flops(self.token_ctx)
+            heads = [self.token_in, self.token_out] + ([self.token_lead] if self.token_lead is not None else [])
+            per_token = sum(mlp_flops(m) for m in heads)
+        return per_row + per_token * source_len

@@ -172,6 +172,10 @@ def test_flops_count_and_share_of_a_bart_base_forward():
     assert pol.flops(5) == trunk + bits + ctx + 5 * tok
     assert SkipPolicy(D, BITS, hidden=8, token_head=False).flops(5) == trunk + bits
     assert SkipPolicy(D, BITS, hidden=8, budget_input=True).flops(5) == pol.flops(5) + 2 * 8
+    for p in (pol, SkipPolicy(D, BITS, hidden=8, token_head=False)):  # a batch of lengths in one call
+        lengths = torch.tensor([1, 5, 37])
+        batch = p.flops(lengths)
+        assert batch.dtype == torch.float64 and batch.tolist() == [p.flops(n) for n in (1, 5, 37)]
 
     # bart-base: d 768, ffn 3072, 6 + 6 layers; a short input and a one-step output is the worst case
     from transformers import BartConfig, BartForConditionalGeneration
