@@ -412,6 +412,8 @@ def _one_line(e: Exception) -> str:
     if text.startswith("Could not override") and e.__cause__ is not None:
         key = text.split("'")[1]
         return f"unknown config key '{key}' ({str(e.__cause__).splitlines()[0]})"
+    if text.startswith("Error merging override") and e.__cause__ is not None:  # a value of the wrong type
+        return f"{text.removeprefix('Error merging override').strip()}: {str(e.__cause__).splitlines()[0]}"
     if "Available options in" in text:
         head = text.splitlines()[0]
         options = [ln.strip() for ln in text.split("Available options in", 1)[1].splitlines()[1:] if ln.startswith("\t")]

@@ -206,6 +206,7 @@ def test_configuration_errors_are_one_line_exit_2(run_dir, capsys):
         ([f"ckpt={run_dir}", f"port={busy.getsockname()[1]}", "log_level=critical"], "could not start on 127.0.0.1"),
         ([f"ckpt={run_dir}", "colour=red"], "unknown config key 'colour'"),
         ([f"ckpt={run_dir}", "max_batch=0"], "max_batch=0"),
+        ([f"ckpt={run_dir}", "port=abc"], "port=abc: Value 'abc' of type 'str' could not be converted to Integer"),
         ([f"ckpt={run_dir}", "max_batch=32", "max_pool=16"], "max_pool=16 must be >= max_batch=32"),
         (["ckpt=/nonexistent/run"], "run directory not found"),
     ):

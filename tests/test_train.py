@@ -327,6 +327,7 @@ def test_agent_and_constraint_values_are_validated_at_compose():
         ("env.margin=1", "env.num_beams=4"): "env.margin=1.0, expected 0 with env.num_beams > 1",
         ("generator.mode=frozen-ish",): "generator.mode='frozen-ish'",
         ("env.cost=seconds",): "env.cost='seconds', expected flops, time or max",
+        ("agent.iterations=abc",): "agent.iterations=abc: Value 'abc' of type 'str' could not be converted to Integer",
         ("env.cost=time", "constraint=budget"): "env.cost='time', expected flops with constraint=budget",
         ("env.cost=max", "constraint=budget"): "env.cost='max', expected flops with constraint=budget",
     }
