@@ -374,7 +374,9 @@ def serve(cfg) -> None:
         plan_aware=cfg.plan_aware,
     )
     app = build_app(model, cfg)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
+    # log_config=None: uvicorn logs through the root logger; its own set-up (dictConfig) would close every
+    # logging handler the process already has
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, log_config=None))
     # uvicorn re-raises the signal that stopped it once it has drained; a handler of ours takes it, so a
     # drained shutdown exits with status 0
     before = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -64,7 +64,7 @@ def url(run_dir, reference):
         "max_wait_ms=30", "max_items=6", "max_chars=300",
     ], "serve")
     model = load(run_dir, threshold=cfg.threshold, batch_size=cfg.max_batch)
-    server = uvicorn.Server(uvicorn.Config(build_app(model, cfg), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(model, cfg), host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -194,6 +194,29 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(run_dir, reference):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serving_leaves_the_process_logging_alone(run_dir, tmp_path):
+    """uvicorn's own logging set-up (``logging.config.dictConfig``) closes every handler the process has; the
+    server logs through the root logger instead, so a host process's log file keeps receiving its lines."""
+    import logging
+
+    from rlskip.serve import main
+
+    handler = logging.FileHandler(tmp_path / "host.log", mode="w")
+    logging.getLogger().addHandler(handler)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        assert main([f"ckpt={run_dir}", f"port={busy.getsockname()[1]}", "log_level=critical"]) == 2
+        logging.getLogger("host").warning("still logging")
+        handler.flush()
+        assert "still logging" in (tmp_path / "host.log").read_text()
+    finally:
+        busy.close()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def test_configuration_errors_are_one_line_exit_2(run_dir, capsys):
