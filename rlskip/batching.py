@@ -6,12 +6,15 @@ plans skip. Plans are cheap to decide (observe + policy) before anything is exec
 uses few distinct plans, so a *pool* of decided instances (several batches' worth) can be re-cut into batches
 that agree. The rule (:func:`plan_batches`):
 
-1. instances whose sub-layer bits are identical form a group (their token keep-masks may differ: dropped
-   tokens leave each row's tensors, whatever the other rows keep), ordered by the number of input tokens
-   each keeps (:func:`kept_lengths`), shortest first;
+1. instances whose bits for the sub-layers that run at every decoding step are identical form a group
+   (:func:`grouping_bits`: an encoder-decoder model's decoder bits, a single stack's every bit), ordered by the
+   number of input tokens each keeps (:func:`kept_lengths`), shortest first. Their encoder bits and token
+   keep-masks may differ: an encoder sub-layer runs once per batch, on the rows that keep it, while a decoding
+   step pays for every sub-layer any of its rows keeps, at every step; dropped tokens leave each row's tensors,
+   whatever the other rows keep;
 2. each group fills as many whole batches of ``max_batch`` rows as it can, largest group first;
-3. the instances left over (each group's remainder) are chained by plan similarity (greedy nearest neighbour
-   in Hamming distance, starting from the largest remainder), ordered by kept length (equal lengths keep the
+3. the instances left over (each group's remainder) are chained by the similarity of those bits (greedy
+   nearest neighbour in Hamming distance, starting from the largest remainder), ordered by kept length (equal lengths keep the
    chain's order) and cut into batches of ``max_batch``; the runtime executes a mixed batch exactly (row
    gather/scatter).
 
@@ -52,13 +55,19 @@ def fifo_batches(n: int, max_batch: int) -> list[list[int]]:
     return [list(range(i, min(i + max_batch, n))) for i in range(0, n, max_batch)]
 
 
+def grouping_bits(plan: Plan) -> torch.Tensor:
+    """The columns of ``plan``'s bits that plan-aware batching groups instances by (step 1 of the rule in the
+    module docstring): those of the sub-layers that run at every decoding step (:attr:`SkipSpace.step_bits`)."""
+    return plan.bits[:, plan.space.step_bits]
+
+
 def plan_batches(
     bits: torch.Tensor, max_batch: int, plan_aware: bool = True, lengths: Sequence[int] | torch.Tensor | None = None
 ) -> list[list[int]]:
-    """Batches (lists of pool indices) for instances with sub-layer ``bits [n, n_bits]``, by the rule in the
-    module docstring; FIFO chunks when ``plan_aware`` is False. ``lengths``: each instance's input length
-    (tokens it keeps); when given, each group is ordered by it before it is cut, so that a batch holds
-    instances of similar length."""
+    """Batches (lists of pool indices) for instances with ``bits [n, k]`` (the columns to group by:
+    :func:`grouping_bits`), by the rule in the module docstring; FIFO chunks when ``plan_aware`` is False.
+    ``lengths``: each instance's input length (tokens it keeps); when given, each group is ordered by it
+    before it is cut, so that a batch holds instances of similar length."""
     n = bits.shape[0]
     if not plan_aware:
         return fifo_batches(n, max_batch)
@@ -190,5 +199,5 @@ def run_pool(
     **gen_kwargs: Any,
 ) -> Executed:
     """Execute a decided pool in batches of at most ``max_batch`` (plan-aware or FIFO); outputs in pool order."""
-    batches = plan_batches(plan.bits, max_batch, plan_aware, kept_lengths(obs, plan))
+    batches = plan_batches(grouping_bits(plan), max_batch, plan_aware, kept_lengths(obs, plan))
     return merge(obs.batch_size, list(execute(ex, obs, plan, cost, batches, **gen_kwargs)), plan)

@@ -130,6 +130,15 @@ class SkipSpace:
         """Bit indices of every skippable candidate of one kind, in layer order."""
         return [i for i, c in enumerate(self.skippable) if c.kind == kind]
 
+    @property
+    def step_bits(self) -> list[int]:
+        """Bit indices of the sub-layers that run at every decoding step: an encoder-decoder model's decoder
+        candidates; every bit of a single stack (a decoder-only model runs all of them at each step, and an
+        encoder-only one, with no steps, is grouped by its whole plan)."""
+        if any(c.kind.startswith("dec_") for c in self.skippable):
+            return [i for i, c in enumerate(self.skippable) if c.kind.startswith("dec_")]
+        return list(range(self.n_bits))
+
     def describe(self) -> str:
         n_enc = sum(1 for c in self.candidates if c.kind == "enc_attn")
         n_dec = sum(1 for c in self.candidates if c.kind == "dec_ffn")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlskip.batching import concat_plans, fifo_batches, kept_lengths, merge, plan_batches, take
+from rlskip.batching import concat_plans, fifo_batches, grouping_bits, kept_lengths, merge, plan_batches, take
 from rlskip.execute import Executed
 from rlskip.plan import Plan
 from rlskip.runtime.base import Observation
@@ -56,6 +56,25 @@ def test_identical_plans_are_batched_together_and_fifo_is_consecutive():
     assert plan_batches(bits, 4, plan_aware=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     with pytest.raises(ValueError, match="max_batch"):
         plan_batches(bits, 0)
+
+
+def test_plans_that_differ_only_in_the_encoder_share_a_group():
+    """A decoding step pays for every sub-layer any row keeps, an encoder sub-layer runs once on the rows that
+    keep it: an encoder-decoder pool is grouped by its decoder bits; a single stack's by every bit."""
+    assert [SPACE.name(i) for i in SPACE.step_bits] == [f"dec.{i}.{p}" for i in range(3) for p in ("self_attn", "cross_attn", "ffn")]
+    stack = SkipSpace.single_stack("llama", 4)
+    assert stack.step_bits == list(range(stack.n_bits))
+    base = torch.ones(SPACE.n_bits, dtype=torch.bool)
+    enc_off, dec_off = base.clone(), base.clone()
+    enc_off[SPACE.bit("enc.1.ffn")] = False
+    dec_off[SPACE.bit("dec.2.ffn")] = False
+    plan = Plan(SPACE, torch.stack([base, dec_off, enc_off, base, dec_off, enc_off]))
+    key = grouping_bits(plan)
+    assert key.shape == (6, 9) and torch.equal(key[0], key[2]) and not torch.equal(key[0], key[1])
+    assert plan_batches(key, 4) == [[0, 2, 3, 5], [1, 4]]  # the whole plans would give three groups
+    assert plan_batches(plan.bits, 4) != plan_batches(key, 4)
+    one = Plan(stack, torch.eye(stack.n_bits, dtype=torch.bool)[:3])
+    assert torch.equal(grouping_bits(one), one.bits)
 
 
 def test_with_lengths_each_group_is_cut_shortest_first_and_the_partition_is_kept():
@@ -144,7 +163,7 @@ def test_plan_aware_and_fifo_batching_give_each_input_what_it_gets_alone(run_dir
         m.threshold = float(torch.sigmoid(m.policy(**observation_inputs(m.observe(texts)))[0]).median())
     plans = m.decide(texts)
     assert len({tuple(r) for r in plans.bits.tolist()}) > 2, "the check needs several distinct plans"
-    assert plan_batches(plans.bits, 3) != fifo_batches(len(texts), 3), "plan-aware batches should differ from FIFO"
+    assert plan_batches(grouping_bits(plans), 3) != fifo_batches(len(texts), 3), "plan-aware batches should differ from FIFO"
     got_aware = m.generate(texts, return_details=True)
     m.plan_aware = False
     got_fifo = m.generate(texts, return_details=True)
