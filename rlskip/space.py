@@ -135,9 +135,8 @@ class SkipSpace:
         """Bit indices of the sub-layers that run at every decoding step: an encoder-decoder model's decoder
         candidates; every bit of a single stack (a decoder-only model runs all of them at each step, and an
         encoder-only one, with no steps, is grouped by its whole plan)."""
-        if any(c.kind.startswith("dec_") for c in self.skippable):
-            return [i for i, c in enumerate(self.skippable) if c.kind.startswith("dec_")]
-        return list(range(self.n_bits))
+        decoder = [i for i, c in enumerate(self.skippable) if c.kind.startswith("dec_")]
+        return decoder or list(range(self.n_bits))
 
     def describe(self) -> str:
         n_enc = sum(1 for c in self.candidates if c.kind == "enc_attn")
