@@ -14,9 +14,9 @@ that agree. The rule (:func:`plan_batches`):
    whatever the other rows keep;
 2. each group fills as many whole batches of ``max_batch`` rows as it can, largest group first;
 3. the instances left over (each group's remainder) are chained by the similarity of those bits (greedy
-   nearest neighbour in Hamming distance, starting from the largest remainder), ordered by kept length (equal lengths keep the
-   chain's order) and cut into batches of ``max_batch``; the runtime executes a mixed batch exactly (row
-   gather/scatter).
+   nearest neighbour in Hamming distance, starting from the largest remainder), ordered by kept length (equal
+   lengths keep the chain's order) and cut into batches of ``max_batch``; the runtime executes a mixed batch
+   exactly (row gather/scatter).
 
 Plans are never merged: every instance is executed under its own plan, so plan-aware and FIFO batching give
 the same outputs (each instance's, as it gets alone; the runtime contract), its executed FLOPs are counted as
@@ -194,10 +194,16 @@ def kept_lengths(obs: Observation, plan: Plan) -> torch.Tensor:
     return (obs.lengths if keep is None else keep.sum(1)).cpu()
 
 
+def pool_batches(obs: Observation, plan: Plan, max_batch: int, plan_aware: bool = True) -> list[list[int]]:
+    """A decided pool cut into batches of at most ``max_batch``: :func:`plan_batches` on the pool's
+    :func:`grouping_bits` and :func:`kept_lengths` (FIFO chunks when ``plan_aware`` is False)."""
+    return plan_batches(grouping_bits(plan), max_batch, plan_aware, kept_lengths(obs, plan))
+
+
 def run_pool(
     ex: Executor, obs: Observation, plan: Plan, cost: torch.Tensor, max_batch: int, plan_aware: bool = True,
     **gen_kwargs: Any,
 ) -> Executed:
     """Execute a decided pool in batches of at most ``max_batch`` (plan-aware or FIFO); outputs in pool order."""
-    batches = plan_batches(grouping_bits(plan), max_batch, plan_aware, kept_lengths(obs, plan))
+    batches = pool_batches(obs, plan, max_batch, plan_aware)
     return merge(obs.batch_size, list(execute(ex, obs, plan, cost, batches, **gen_kwargs)), plan)

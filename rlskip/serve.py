@@ -267,7 +267,7 @@ class Batcher:
         """Observe, decide and execute one pool of requests that share their settings."""
         import torch
 
-        from rlskip.batching import execute, grouping_bits, kept_lengths, plan_batches
+        from rlskip.batching import execute, pool_batches
         from rlskip.plan import Plan
 
         m, cfg, metrics = self.model, self.cfg, self.metrics
@@ -278,7 +278,7 @@ class Batcher:
         else:
             plan, cost = m.source(jobs[0].budget)(obs)
         label = "text" if m.kind == "generation" else "label"
-        batches = plan_batches(grouping_bits(plan), cfg.max_batch, cfg.plan_aware, kept_lengths(obs, plan))
+        batches = pool_batches(obs, plan, cfg.max_batch, cfg.plan_aware)
         start = time.perf_counter()
         for index, out in execute(m.executor, obs, plan, cost, batches, **jobs[0].gen):
             metrics.batch_seconds.observe(time.perf_counter() - start)
