@@ -40,11 +40,16 @@ def run(cfg) -> list[dict]:
     return [{"text": r["text"], "generation": r["generation"], "flops_ratio": r["flops_ratio"]} for r in rows]
 
 
+def overrides(argv: list[str]) -> list[str]:
+    """The command line as Hydra overrides: a text is free prose, quoted so that Hydra's override grammar does not
+    read its commas or brackets."""
+    return [quote_value(a) if a.startswith("text=") else a for a in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        # a text is free prose: quote it so Hydra's override grammar does not read its commas or brackets
-        cfg = compose([quote_value(a) if a.startswith("text=") else a for a in argv], "generate")
+        cfg = compose(overrides(argv), "generate")
         rows = run(cfg)
         if cfg.output is not None:
             from pathlib import Path

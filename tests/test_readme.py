@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlskip.config import compose, quote_value
+from rlskip.config import compose
+from rlskip.generate import overrides as generate_overrides
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ENTRIES = {"rlskip.train": "config", "rlskip.evaluate": "evaluate", "rlskip.generate": "generate", "rlskip.serve": "serve"}
@@ -55,5 +56,5 @@ def test_a_readme_command_composes(line, entry, args):
     if entry == "rlskip.train":  # resume= reads the run's saved config; the rest are overrides of it
         args = [a for a in args if not a.startswith("resume=")]
     if entry == "rlskip.generate":
-        args = [quote_value(a) if a.startswith("text=") else a for a in args]
+        args = generate_overrides(args)
     compose(args, ENTRIES[entry])
